@@ -1,0 +1,65 @@
+"""The tile configuration a compiled kernel runs with: what the tuner searches and caches.
+
+Codegen never imports the tuner: ops receive a `ConfigLookup` from the front
+door and ask it for a config per (kernel, shape); without one they use
+`heuristic_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+STRATEGIES = ("fused", "two_pass")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    chunk: int = 64          # C: tokens per chunk (the state is materialized/carried per chunk)
+    sub_chunk: int = 16      # c: rows per sub-chunk (per-key decays: stable factoring inside a chunk)
+    BK: Optional[int] = None  # key tile; None = all of K (padded to a power of two)
+    BV: int = 64             # value tile
+    num_warps: int = 4
+    num_stages: int = 2
+    strategy: str = "fused"  # fused: state on chip; two_pass: chunk states in HBM, chunks in parallel
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeKey:
+    """What a config is chosen for; the tuner buckets T and B*H coarsely."""
+
+    kernel: str              # "chunk_fwd", "chunk_bwd", "recurrent_fwd", ...
+    dtype: str               # "fp32" | "fp16" | "bf16"
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+
+
+#: (mixer, ShapeKey) -> KernelConfig or None (then the heuristic applies)
+ConfigLookup = Callable[[object, ShapeKey], Optional[KernelConfig]]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret: bool = False) -> KernelConfig:
+    """A safe default when no tuned config exists: small enough tiles for K, V up to 256."""
+    Kp, Vp = next_pow2(K), next_pow2(V)
+    if interpret:  # the interpreter is slow per program and per op: few large tiles
+        return KernelConfig(chunk=16, sub_chunk=8, BK=None, BV=min(Vp, 64), num_warps=4, num_stages=1)
+    chunk = 64 if Kp <= 128 else 32
+    BV = min(Vp, 64 if Kp <= 128 else 32)
+    return KernelConfig(chunk=chunk, sub_chunk=16, BK=None, BV=max(BV, 16), num_warps=4, num_stages=2)

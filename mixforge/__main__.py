@@ -1,0 +1,5 @@
+import sys
+
+from mixforge.cli import main
+
+sys.exit(main())
