@@ -1,0 +1,1 @@
+"""codegen: Mixer -> KernelPlan -> printed Triton -> generated module -> ops."""
