@@ -267,15 +267,27 @@ class _InputPlan:
         return int(math.prod(self.shape))
 
 
+class _MissingOps:
+    """Stands where the kernels go when this build has no `mixforge.compile`: says so when called."""
+
+    def __init__(self, mixer: Mixer):
+        self.mixer = mixer
+
+    def _fail(self, *args, **kwargs):
+        raise RuntimeError(
+            f"mixforge.compile is not available in this build, so MixerLayer({self.mixer.name!r}) has no kernels "
+            "to run; pass ops=<an object with .chunk/.recurrent/.step> to MixerLayer (attention maps work without)"
+        )
+
+    chunk = recurrent = step = _fail
+
+
 def _load_ops(mixer: Mixer):
     import mixforge
 
     compile_fn = getattr(mixforge, "compile", None)
     if compile_fn is None:
-        raise RuntimeError(
-            "mixforge.compile is not available in this build, so MixerLayer cannot generate kernels; "
-            "pass ops=<an object with .chunk/.recurrent/.step> to MixerLayer"
-        )
+        return _MissingOps(mixer)
     return compile_fn(mixer)
 
 
@@ -301,7 +313,7 @@ class MixerLayer(nn.Module):
         d_skip: name of a per-value input added as D[h] * input to the output (Mamba's D), or None.
         scale: passed to the kernels (None: the mixer's default).
         mode: "chunk" (default) or "recurrent": which kernels training and prefill use.
-        ops: the compiled ops to call (default `mixforge.compile(spec)`).
+        ops: the compiled ops to call (default `mixforge.compile(spec)`, generated when the layer is built).
         max_len: cosFormer's M for its frequency init.
         bias: bias on the projections.
     """

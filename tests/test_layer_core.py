@@ -266,5 +266,8 @@ def test_bad_calls_name_the_problem():
 
 def test_layer_without_compile_says_what_to_do(monkeypatch):
     monkeypatch.delattr(mf, "compile", raising=False)
+    layer = MixerLayer("gla", D, H)
+    x = torch.randn(1, 5, D)
+    assert layer.attention_map(x).shape == (1, H, 5, 5)        # no kernels needed
     with pytest.raises(RuntimeError, match="ops="):
-        MixerLayer("gla", D, H)
+        layer(x)

@@ -1,0 +1,124 @@
+"""Per-head heatmaps of a mixer's implicit attention (matplotlib, Agg; no pyplot, no display).
+
+    fig = mf.plot_attention_map(mf.zoo.gla, inputs, heads=[0, 1], out="gla.png")
+    fig = mf.plot_attention_map(layer, x, out="layer.png")      # a MixerLayer on x [B, T, d_model]
+
+M[t, s] is the weight of the value at position s in the output at position t
+(`mixforge.attention_map`, before gate and norm). Positive and negative weights
+get a diverging map centred on zero, clipped at a quantile of |M| so that a few
+large entries do not wash the rest out; maps with no negative entry (softmax,
+normalized linear attention) get a sequential one. Entries above the diagonal
+(the future) are blank.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["attention_maps", "plot_attention_map"]
+
+
+def attention_maps(source: Any, inputs: Any = None, *, cu_seqlens=None, scale=None) -> torch.Tensor:
+    """[B, H, T, T] float64 from a Mixer (or zoo name) and its inputs, a layer and x, or a tensor."""
+    from mixforge.spec import Mixer, attention_map, load_mixer
+
+    if isinstance(source, torch.Tensor):
+        M = source
+    elif isinstance(source, (Mixer, str)):
+        if not isinstance(inputs, dict):
+            raise TypeError("plot_attention_map(mixer, inputs): inputs must be a dict of the mixer's tensors")
+        mixer = load_mixer(source)
+        M = attention_map(mixer, cu_seqlens=cu_seqlens, scale=scale,
+                          **{k: v.detach().double() for k, v in inputs.items()})
+    elif hasattr(source, "attention_map"):
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError("plot_attention_map(layer, x): x must be a tensor [B, T, d_model]")
+        M = source.attention_map(inputs, cu_seqlens=cu_seqlens) if cu_seqlens is not None \
+            else source.attention_map(inputs)
+    else:
+        raise TypeError(f"cannot draw the attention of a {type(source).__name__}: pass a Mixer, a zoo name, "
+                        "a MixerLayer (or any module with .attention_map(x)) or a tensor [B, H, T, T]")
+    M = M.detach().to(torch.float64).cpu()
+    if M.dim() == 3:
+        M = M[None]
+    if M.dim() != 4 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"expected an attention map [B, H, T, T], got {list(M.shape)}")
+    return M
+
+
+def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] | int | None = None,
+                       out: str | Path | None = None, batch: int = 0, title: str | None = None,
+                       marks: Sequence[int] | None = None, cu_seqlens=None, scale=None, clip: float = 0.995,
+                       max_cols: int = 4, dpi: int = 120):
+    """Draw per-head heatmaps; save to `out` (PNG, SVG, PDF by suffix) if given. Returns the Figure.
+
+    source/inputs: (Mixer or zoo name, dict of its tensors), (MixerLayer, x), or (tensor [B,H,T,T], None).
+    heads: which heads (default all, at most 16); batch: which sequence of the batch.
+    marks: rows to mark (for example MQAR's query positions).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    M = attention_maps(source, inputs, cu_seqlens=cu_seqlens, scale=scale)
+    B, H, T, _ = M.shape
+    if not 0 <= batch < B:
+        raise ValueError(f"batch {batch} is out of range for a batch of {B}")
+    if heads is None:
+        heads = list(range(min(H, 16)))
+    elif isinstance(heads, int):
+        heads = [heads]
+    heads = list(heads)
+    bad = [h for h in heads if not 0 <= h < H]
+    if bad or not heads:
+        raise ValueError(f"heads {bad or heads} out of range: the map has {H} heads")
+
+    A = M[batch, heads].numpy()                                     # [h, T, T]
+    future = np.triu(np.ones((T, T), dtype=bool), 1)
+    past = A[:, ~future]
+    finite = past[np.isfinite(past)]
+    signed = finite.size > 0 and finite.min() < -1e-12 * max(1.0, np.abs(finite).max())
+    lim = float(np.quantile(np.abs(finite), clip)) if finite.size else 1.0
+    lim = lim if lim > 0 else (float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0)
+    if signed:
+        cmap, vmin, vmax = "RdBu_r", -lim, lim
+    else:
+        cmap, vmin, vmax = "viridis", 0.0, lim
+
+    n = len(heads)
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.2 * cols + 1.0, 3.1 * rows + (0.5 if title else 0.2)), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    import matplotlib
+
+    cm = matplotlib.colormaps[cmap].copy()
+    cm.set_bad("#eeeeee")
+    im = None
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        data = np.ma.array(A[i], mask=future | ~np.isfinite(A[i]))
+        im = ax.imshow(data, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
+        ax.set_title(f"head {heads[i]}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("output position t", fontsize=8)
+        if i // cols == rows - 1:
+            ax.set_xlabel("source position s", fontsize=8)
+        if marks:
+            ax.scatter([-0.5] * len(marks), list(marks), marker=">", s=6, c="black", clip_on=False)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="M[t, s]")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, bbox_inches="tight")
+    return fig
