@@ -1,0 +1,1 @@
+"""Benchmarks and GPU measurement scripts (run on a CUDA machine)."""

@@ -1,0 +1,383 @@
+"""Generated kernels against the hand-written peers, side by side in one run.
+
+    python -m benchmarks.compare [--quick] [--only gla,mamba2] [--out benchmarks/results]
+
+Each row declares the computation once as a mixforge Mixer and maps the same
+random inputs onto the peer's interface (flash-linear-attention, Mamba-2's
+SSD, PyTorch SDPA). Before timing, outputs are compared with the peer on the
+same inputs; a missing peer is reported as missing, never silently skipped.
+Timings are `triton.testing.do_bench` medians. The JSON result holds device,
+versions, date, the measured copy and matmul rates, and every row.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import mixforge as mf
+from mixforge import Bonus, Input, Mixer, Param, s, value
+from mixforge.functions import exp, logsigmoid
+from mixforge.spec.reference import default_scale
+from mixforge.spec.testing import random_inputs
+
+# --------------------------------------------------------------------------- the computations
+
+q, k, a = Input("q"), Input("k"), Input("a")
+v = Input("v", dim="value")
+# The peers compute the core recurrence only (gate and norm are separate kernels in
+# FLA), so the rows declare exactly the same computation: no gate, no norm.
+LINEAR = Mixer("linear_attention_plain", fq=q, fk=k, fv=v)
+SCALAR_DECAY = Mixer("simple_gla", fq=q, fk=k, fv=v, fa=logsigmoid(Input("a", dim=None)))
+GLA_CORE = Mixer("gla_core", fq=q, fk=k, fv=v, fa=logsigmoid(a) / 16)
+_hg = logsigmoid(a)
+HGRN2 = Mixer("hgrn2", fq=q, fk=1 - exp(_hg), fv=v, fa=_hg)
+RWKV6_CORE = Mixer("rwkv6_core", fq=Input("r"), fk=k, fv=v, fa=-exp(Input("w")), inclusive=False, scale=1.0,
+                   bonus=Bonus(weight=Param("u"), term=s * value))
+MAMBA2 = mf.zoo.mamba2
+_mg = logsigmoid(a) / 16
+METALA_CORE = Mixer("metala_core", fq=q, fk=1 - exp(_mg), fv=v, fa=_mg,
+                    bonus=Bonus(weight=Param("u"), term=s * value))
+
+
+def _peer_inputs_gla(x):
+    g = F.logsigmoid(x["a"].float()) / 16
+    return dict(q=x["q"], k=x["k"], v=x["v"], g=g.to(x["q"].dtype))
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    mixer: Mixer
+    peer: str
+    # maps mixforge inputs -> a callable running the peer (returns output [B,T,H,V])
+    make_peer: Callable[[dict, dict], Callable[[], torch.Tensor]]
+    G: int = 1
+    path: str = "chunk"
+
+
+def _fla(module: str, fn: str):
+    mod = importlib.import_module(module)
+    return getattr(mod, fn)
+
+
+def peer_linear(x, opt):
+    f = _fla("fla.ops.linear_attn", "chunk_linear_attn")
+    return lambda: f(x["q"], x["k"], x["v"], scale=opt["scale"], normalize=False)[0]
+
+
+def peer_simple_gla(x, opt):
+    f = _fla("fla.ops.simple_gla", "chunk_simple_gla")
+    g = F.logsigmoid(x["a"].float())
+    return lambda: f(x["q"], x["k"], x["v"], g=g, scale=opt["scale"])[0]
+
+
+def peer_gla(x, opt):
+    f = _fla("fla.ops.gla", "chunk_gla")
+    p = _peer_inputs_gla(x)
+    return lambda: f(p["q"], p["k"], p["v"], p["g"], scale=opt["scale"])[0]
+
+
+def peer_fused_recurrent_gla(x, opt):
+    f = _fla("fla.ops.gla", "fused_recurrent_gla")
+    p = _peer_inputs_gla(x)
+    return lambda: f(p["q"], p["k"], p["v"], gk=p["g"], scale=opt["scale"])[0]
+
+
+def peer_hgrn2(x, opt):
+    f = _fla("fla.ops.gla", "chunk_gla")
+    g = F.logsigmoid(x["a"].float())
+    kk = (1 - torch.exp(g)).to(x["q"].dtype)
+    return lambda: f(x["q"], kk, x["v"], g.to(x["q"].dtype), scale=opt["scale"])[0]
+
+
+def peer_rwkv6(x, opt):
+    f = _fla("fla.ops.rwkv6", "chunk_rwkv6")
+    w = (-torch.exp(x["w"].float())).to(x["r"].dtype)
+    return lambda: f(x["r"], x["k"], x["v"], w, x["u"].to(x["r"].dtype), scale=1.0)[0]
+
+
+def _load_ssd():
+    """Mamba-2's SSD from the unpacked sdist in .peers/ (its package __init__ needs CUDA extensions)."""
+    root = Path(__file__).resolve().parent.parent / ".peers" / "mamba_ssm"
+    if "mamba_ssm" not in sys.modules:
+        if not root.is_dir():
+            raise ModuleNotFoundError("mamba_ssm sources not found under .peers/")
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = [str(root)]
+        sys.modules["mamba_ssm"] = pkg
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+
+
+def peer_mamba2(x, opt):
+    f = _load_ssd()
+    A = -torch.exp(x["A_log"].float())
+    return lambda: f(x["x"], x["dt"], A, x["B"], x["C"], chunk_size=256, dt_bias=x["dt_bias"].float(),
+                     dt_softplus=True)
+
+
+def peer_sdpa(x, opt):
+    qq = x.get("q", x.get("r", x.get("C")))
+    vv = x.get("v", x.get("x"))
+    kk = x.get("k", qq)
+    Hq, Hv = qq.shape[2], vv.shape[2]
+    if Hq != Hv:  # grouped C/B (Mamba-2): attention over the same heads
+        qq = qq.repeat_interleave(Hv // Hq, dim=2)
+        kk = kk.repeat_interleave(Hv // Hq, dim=2)
+    qt, kt, vt = (t_.transpose(1, 2) for t_ in (qq, kk, vv))
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+
+CASES = [
+    Case("linear_attention", LINEAR, "fla.chunk_linear_attn", peer_linear),
+    Case("scalar_decay", SCALAR_DECAY, "fla.chunk_simple_gla", peer_simple_gla),
+    Case("gla", GLA_CORE, "fla.chunk_gla", peer_gla),
+    Case("hgrn2", HGRN2, "fla.chunk_gla", peer_hgrn2),
+    Case("rwkv6", RWKV6_CORE, "fla.chunk_rwkv6", peer_rwkv6),
+    Case("gla_recurrent", GLA_CORE, "fla.fused_recurrent_gla", peer_fused_recurrent_gla, path="recurrent"),
+    Case("mamba2", MAMBA2, "mamba_ssm.ssd", peer_mamba2, G=1),
+]
+SDPA_CASES = ["gla", "mamba2", "linear_attention"]
+
+
+# --------------------------------------------------------------------------- measurement
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench(fn, warmup=25, rep=200):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def peak_mem(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def fwd_bwd(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], dy: torch.Tensor):
+    def step():
+        for t_ in leaves:
+            t_.grad = None
+        y = run()
+        y.backward(dy)
+    return step
+
+
+def machine_rates() -> dict:
+    n = 1 << 28  # 512 MiB of bf16 read + written
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    copy = 2 * src.numel() * 2 / (ms * 1e-3)
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms_mm = bench(lambda: m @ m)
+    del src, dst
+    return {"copy_bytes_per_s": copy, "bf16_matmul_flops": 2 * 8192 ** 3 / (ms_mm * 1e-3)}
+
+
+def roofline_ms(mixer: Mixer, x: dict, rates: dict) -> float:
+    """Bytes of every per-token input read once and o written once, at the copy rate."""
+    nbytes = sum(t_.numel() * t_.element_size() for n_, t_ in x.items() if n_ in {o.name for o in mixer.inputs})
+    out = next(t_ for n_, t_ in x.items() if n_ in ("v", "x"))
+    nbytes += out.numel() * out.element_size()
+    return nbytes / rates["copy_bytes_per_s"] * 1e3
+
+
+def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd")) -> list[dict]:
+    x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
+    if case.name in ("gla", "hgrn2", "rwkv6"):
+        pass
+    for n_ in ("q", "k", "r", "C", "B"):  # keep logits moderate at K = 128
+        if n_ in x and x[n_].dim() == 4:
+            x[n_] = (x[n_].float() * 0.5).to(dtype)
+    scale = default_scale(case.mixer, K)
+    rows = []
+    fn_ours = getattr(ops, case.path)
+
+    def ours():
+        return fn_ours(**x)[0]
+
+    base = dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V,
+                dtype=str(dtype).replace("torch.", ""), path=case.path)
+    try:
+        peer = case.make_peer(x, {"scale": scale})
+    except Exception as e:  # peer absent or refuses
+        peer, peer_err = None, f"{type(e).__name__}: {e}"
+    agree = None
+    if peer is not None:
+        with torch.no_grad():
+            try:
+                agree = rel_err(ours(), peer())
+            except Exception as e:
+                peer, peer_err = None, f"{type(e).__name__}: {e}"
+    for p in passes:
+        row = dict(base, **{"pass": p})
+        leaves = [t_ for t_ in x.values()]
+        try:
+            if p == "fwd":
+                with torch.no_grad():
+                    row["ms"] = bench(ours)
+                    row["peak_bytes"] = peak_mem(ours)
+            else:
+                for t_ in leaves:
+                    t_.requires_grad_(True)
+                y = ours()
+                dy = torch.randn_like(y)
+                step = fwd_bwd(ours, leaves, dy)
+                row["ms"] = bench(step)
+                row["peak_bytes"] = peak_mem(step)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+        if peer is None:
+            row["peer_missing"] = peer_err
+        else:
+            row["agree_rel_err"] = agree
+            try:
+                if p == "fwd":
+                    with torch.no_grad():
+                        row["peer_ms"] = bench(peer)
+                        row["peer_peak_bytes"] = peak_mem(peer)
+                else:
+                    y = peer()
+                    dy = torch.randn_like(y)
+                    pstep = fwd_bwd(peer, leaves, dy)
+                    row["peer_ms"] = bench(pstep)
+                    row["peer_peak_bytes"] = peak_mem(pstep)
+            except Exception as e:
+                row["peer_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        for t_ in leaves:
+            t_.requires_grad_(False)
+            t_.grad = None
+        if "ms" in row and "peer_ms" in row:
+            row["ratio"] = row["peer_ms"] / row["ms"]
+        if p == "fwd":
+            row["roofline_ms"] = roofline_ms(case.mixer, x, rates)
+        rows.append(row)
+    return rows
+
+
+def versions() -> dict:
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["device"] = f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs)"
+    for mod in ("fla", "mamba_ssm"):
+        try:
+            m = importlib.import_module(mod) if mod != "mamba_ssm" else (_load_ssd() and sys.modules["mamba_ssm"])
+            info[mod] = getattr(m, "__version__", "present")
+        except Exception as e:
+            info[mod] = f"missing ({type(e).__name__})"
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--quick", action="store_true", help="T=2048 only")
+    ap.add_argument("--peers-only", action="store_true", help="time the peers without mixforge kernels")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.compare needs a CUDA device", file=sys.stderr)
+        return 2
+    info = versions()
+    rates = machine_rates()
+    info["rates"] = rates
+    dtype = torch.bfloat16
+    H = 16
+    shapes = [(16, 2048, 128, 128)]
+    if not args.quick:
+        shapes += [(4, 8192, 128, 128), (1, 32768, 128, 128), (8, 4096, 64, 64), (8, 4096, 256, 256)]
+    only = set(filter(None, args.only.split(",")))
+    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out / f"compare-{stamp}.json"
+
+    def save():  # after every case: a run cut short by its time limit keeps what it measured
+        path.write_text(json.dumps({**info, "rows": rows}, indent=1))
+    for case in CASES:
+        if only and case.name not in only:
+            continue
+        ops = None
+        if not args.peers_only:
+            try:
+                ops = mf.compile(case.mixer)
+            except Exception as e:
+                print(f"[{case.name}] compile failed: {e}")
+        for (B, T, K, V) in shapes:
+            if case.path == "recurrent" and T > 2048:
+                continue
+            t0 = time.time()
+            try:
+                if ops is None:
+                    rows += _peer_only(case, B, T, H, K, V, dtype)
+                else:
+                    rows += run_case(case, ops, B, T, H, K, V, dtype, rates)
+            except Exception:
+                rows.append(dict(mixer=case.name, B=B, T=T, K=K, V=V, error=traceback.format_exc()[-800:]))
+            print(f"[{case.name}] B={B} T={T} K={K} V={V}: {time.time() - t0:.1f}s", flush=True)
+            save()
+    save()
+    print(table(rows))
+    print(f"wrote {path}")
+    return 0
+
+
+def _peer_only(case, B, T, H, K, V, dtype):
+    x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
+    scale = default_scale(case.mixer, K)
+    rows = []
+    try:
+        peer = case.make_peer(x, {"scale": scale})
+        with torch.no_grad():
+            ms = bench(peer)
+        rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V, **{"pass": "fwd"}, peer_ms=ms))
+        leaves = list(x.values())
+        for t_ in leaves:
+            t_.requires_grad_(True)
+        y = peer()
+        ms = bench(fwd_bwd(peer, leaves, torch.randn_like(y)))
+        rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V, **{"pass": "fwd+bwd"}, peer_ms=ms))
+    except Exception as e:
+        rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, K=K, V=V, peer_error=f"{type(e).__name__}: {str(e)[:300]}"))
+    return rows
+
+
+def table(rows) -> str:
+    head = "| mixer | peer | B | T | K | pass | ms | peer ms | ratio | agree |\n|---|---|---|---|---|---|---|---|---|---|"
+    lines = [head]
+    for r in rows:
+        def f(key, fmt="{:.3f}"):
+            return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else ("err" if key in ("ms", "peer_ms") and (r.get("error") or r.get("peer_error")) else "–")
+        lines.append(f"| {r.get('mixer')} | {r.get('peer', '')} | {r.get('B')} | {r.get('T')} | {r.get('K')} | "
+                     f"{r.get('pass', '')} | {f('ms')} | {f('peer_ms')} | {f('ratio', '{:.2f}')} | {f('agree_rel_err', '{:.1e}')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
