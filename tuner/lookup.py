@@ -1,0 +1,201 @@
+"""The runtime lookup the front door hands to compiled ops: a `codegen.config.ConfigLookup`.
+
+For (mixer, ShapeKey) it answers, in order:
+
+1. the user's tuned config for exactly this key (cache dir, `mixforge tune`),
+2. the shipped default for exactly this key (tuner/defaults/*.json),
+3. the user's config for the nearest bucket of T and B*H (same GPU, source,
+   mixer, kernel, dtype, K, V: tile configs do not depend on T or B*H for
+   validity, only for speed), preferring the same Triton version,
+4. the shipped default for the nearest bucket,
+5. None: the ops use `codegen.config.heuristic_config`.
+
+Nothing tunes at run time unless asked: with MIXFORGE_AUTOTUNE=1 a miss at
+step 1 tunes that one kernel for that shape (MIXFORGE_AUTOTUNE_TRIALS trials,
+default 30) and caches the result. Answers are memoized per key; `invalidate()`
+(called after every tune in this process) forgets them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from mixforge.codegen.config import KernelConfig, ShapeKey
+
+from .cache import ConfigCache
+from .keys import TuneKey, current_device, dtype_name, make_key, source_hash, triton_version
+
+_local = threading.local()
+
+
+def defaults_dir() -> Path:
+    return Path(__file__).resolve().parent / "defaults"
+
+
+def shipped_caches() -> list[ConfigCache]:
+    try:
+        import importlib.resources as res
+
+        folder = Path(str(res.files("mixforge.tuner") / "defaults"))
+    except Exception:
+        folder = defaults_dir()
+    return [ConfigCache(p, readonly=True) for p in sorted(folder.glob("*.json"))]
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("MIXFORGE_AUTOTUNE", "0") not in ("", "0", "false", "no")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    config: Optional[KernelConfig]
+    source: str                 # "user" | "shipped" | "user-nearest" | "shipped-nearest" | "autotune" | "heuristic"
+    key: Optional[TuneKey]
+    entry: Optional[dict] = None
+
+
+def _distance(want: TuneKey, have: TuneKey) -> tuple:
+    lg = lambda n: math.log(n, 4)  # noqa: E731
+    return (want.triton != have.triton, abs(lg(want.T_bucket) - lg(have.T_bucket)),
+            abs(lg(want.BH_bucket) - lg(have.BH_bucket)))
+
+
+def _nearest(cache: ConfigCache, key: TuneKey) -> Optional[tuple[TuneKey, dict]]:
+    best = None
+    for entry in cache.entries().values():
+        k = TuneKey.from_dict(entry["key"])
+        if k.hard() == key.hard():
+            d = _distance(key, k)
+            if best is None or d < best[0]:
+                best = (d, k, entry)
+    return (best[1], best[2]) if best else None
+
+
+class TunedLookup:
+    """A ConfigLookup over the user's cache and the shipped defaults."""
+
+    def __init__(self, user: Optional[ConfigCache] = None, shipped: Optional[list[ConfigCache]] = None,
+                 autotune: Optional[bool] = None):
+        self._user = user
+        self._user_explicit = user is not None
+        self._shipped = shipped
+        self._autotune = autotune
+        self._memo: dict = {}
+        self._lock = threading.Lock()
+
+    @property
+    def user(self) -> ConfigCache:
+        if self._user is None:
+            self._user = ConfigCache()
+        return self._user
+
+    @property
+    def shipped(self) -> list[ConfigCache]:
+        if self._shipped is None:
+            self._shipped = shipped_caches()
+        return self._shipped
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._memo.clear()
+            if not self._user_explicit:
+                self._user = None  # follow MIXFORGE_CACHE_DIR changes
+
+    def key_for(self, mixer, sk: ShapeKey) -> TuneKey:
+        mixer_hash = mixer if isinstance(mixer, str) else mixer.content_hash
+        return make_key(mixer_hash, sk.kernel, sk.dtype, sk.B, sk.T, sk.H, sk.K, sk.V)
+
+    def resolve(self, mixer, sk: ShapeKey) -> Resolution:
+        key = self.key_for(mixer, sk)
+        memo_key = str(key)
+        hit = self._memo.get(memo_key)
+        if hit is not None:
+            return hit
+        res = self._resolve(mixer, sk, key)
+        with self._lock:
+            self._memo[memo_key] = res
+        return res
+
+    def _resolve(self, mixer, sk: ShapeKey, key: TuneKey) -> Resolution:
+        entry = self.user.get(key)
+        if entry is not None:
+            return Resolution(KernelConfig.from_dict(entry["config"]), "user", key, entry)
+        if self._should_autotune(mixer):
+            res = self._autotune_one(mixer, sk, key)
+            if res is not None:
+                return res
+        for cache in self.shipped:
+            entry = cache.get(key)
+            if entry is not None:
+                return Resolution(KernelConfig.from_dict(entry["config"]), "shipped", key, entry)
+        for source, caches in (("user-nearest", [self.user]), ("shipped-nearest", self.shipped)):
+            found = [n for c in caches if (n := _nearest(c, key)) is not None]
+            if found:
+                k, entry = min(found, key=lambda ke: _distance(key, ke[0]))
+                return Resolution(KernelConfig.from_dict(entry["config"]), source, k, entry)
+        return Resolution(None, "heuristic", key)
+
+    def _should_autotune(self, mixer) -> bool:
+        on = autotune_enabled() if self._autotune is None else self._autotune
+        return on and not getattr(_local, "tuning", False) and hasattr(mixer, "content_hash") \
+            and not isinstance(mixer, str)
+
+    def _autotune_one(self, mixer, sk: ShapeKey, key: TuneKey) -> Optional[Resolution]:
+        from .api import tune
+
+        try:
+            trials = int(os.environ.get("MIXFORGE_AUTOTUNE_TRIALS", "30"))
+            tune(mixer, shapes=[(sk.B, sk.T, sk.H, sk.K, sk.V)], dtype=sk.dtype, kernels=[sk.kernel],
+                 trials=trials, cache=self.user)
+        except Exception as e:  # autotuning is an optimization: never fatal
+            warnings.warn(f"mixforge: autotuning {sk.kernel} failed ({type(e).__name__}: {e}); using defaults",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        entry = self.user.get(key)
+        if entry is None:
+            return None
+        return Resolution(KernelConfig.from_dict(entry["config"]), "autotune", key, entry)
+
+    def __call__(self, mixer, sk: ShapeKey) -> Optional[KernelConfig]:
+        return self.resolve(mixer, sk).config
+
+
+class tuning_guard:
+    """While tuning, lookups never start another tune (the tuner's own forward calls look configs up)."""
+
+    def __enter__(self):
+        self._old = getattr(_local, "tuning", False)
+        _local.tuning = True
+
+    def __exit__(self, *exc):
+        _local.tuning = self._old
+
+
+_default: Optional[TunedLookup] = None
+
+
+def default_lookup() -> TunedLookup:
+    """The process-wide lookup the front door hands to `compile`."""
+    global _default
+    if _default is None:
+        _default = TunedLookup()
+    return _default
+
+
+def config_lookup(mixer, sk: ShapeKey) -> Optional[KernelConfig]:
+    """A plain function with the ConfigLookup signature, backed by `default_lookup()`."""
+    return default_lookup()(mixer, sk)
+
+
+def explain(mixer, kernel: str, B: int, T: int, H: int, K: int, V: int, dtype="bf16") -> Resolution:
+    """Where the config for this call would come from (for `mixforge cache` and debugging)."""
+    return default_lookup().resolve(mixer, ShapeKey(kernel, dtype_name(dtype), B, T, H, K, V))
+
+
+__all__ = ["TunedLookup", "Resolution", "default_lookup", "config_lookup", "explain", "tuning_guard",
+           "autotune_enabled", "shipped_caches", "current_device", "source_hash", "triton_version"]

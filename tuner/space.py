@@ -1,0 +1,336 @@
+"""The search space of one kernel: axes, constraints, and a resource estimate that prunes before compiling.
+
+Axes (KernelConfig fields): chunk, sub_chunk, BK, BV, num_warps, num_stages,
+strategy. The chunk kernels ("chunk_fwd", "chunk_bwd") search all of them
+that apply to the mixer; the recurrent kernels ("recurrent_fwd",
+"recurrent_bwd", "step") only BV and num_warps, the other fields pinned to the
+heuristic's values.
+
+A config is *valid* when every constraint holds (`SearchSpace.check` returns
+the reasons when not). Only valid configs reach compilation: the study samples
+axis values, and a combination that is not in the valid grid is recorded as a
+skipped trial without ever being built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from typing import Any, Iterable, Optional
+
+from mixforge.codegen.config import KernelConfig, heuristic_config, next_pow2
+
+try:  # the chunk path's own validation and its diagonal-block rule; the tuner may import codegen
+    from mixforge.codegen.chunk import DIAG_3D_MAX, check_config as _codegen_check
+except ImportError:  # pragma: no cover - codegen without the chunk path
+    DIAG_3D_MAX, _codegen_check = 4096, None
+
+CHUNK_KERNELS = ("chunk_fwd", "chunk_bwd")
+RECURRENT_KERNELS = ("recurrent_fwd", "recurrent_bwd", "step")
+KERNELS = CHUNK_KERNELS + RECURRENT_KERNELS
+DEFAULT_KERNELS = CHUNK_KERNELS
+AXES = ("chunk", "sub_chunk", "BK", "BV", "num_warps", "num_stages", "strategy")
+
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceLimits:
+    """What one thread block may use. Defaults: NVIDIA H100 (sm_90)."""
+
+    smem_per_block: int = 227 * 1024   # bytes, opt-in maximum per block
+    regs_per_sm: int = 64 * 1024       # 32-bit registers per SM (one block must fit)
+    regs_per_thread: int = 255
+    min_dot: int = 16                  # tl.dot needs M, N, K >= 16 on GPUs
+    spill_slack: float = 2.0           # prune when the estimate exceeds the register limit by this factor
+    max_subchunks: int = 8             # chunk / sub_chunk: the templates unroll NS (NS^2 blocks in the backward)
+
+
+H100 = DeviceLimits()
+#: the interpreter has no resource limits, but pruning as on the target GPU keeps CPU runs representative
+INTERPRETER = DeviceLimits(min_dot=1)
+
+
+def device_limits(device=None) -> DeviceLimits:
+    """Limits of the current CUDA device (Triton's driver properties), H100 values when unknown."""
+    from .keys import interpret_mode
+
+    try:
+        import torch
+
+        if interpret_mode() or not torch.cuda.is_available():
+            return INTERPRETER
+        import triton
+
+        idx = torch.cuda.current_device() if device is None else torch.device(device).index or 0
+        props = triton.runtime.driver.active.utils.get_device_properties(idx)
+        return DeviceLimits(smem_per_block=int(props.get("max_shared_mem", H100.smem_per_block)),
+                            regs_per_sm=int(props.get("max_num_regs", H100.regs_per_sm)))
+    except Exception:
+        return H100
+
+
+# --------------------------------------------------------------------------- resource estimate
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The facts about a mixer and shape that the space depends on."""
+
+    K: int
+    V: int
+    dtype: str = "bf16"
+    decay: str = "key"         # Mixer.decay_kind: none | constant | scalar | key
+    bonus: bool = False
+    normalize: bool = False
+
+    @classmethod
+    def of(cls, mixer, K: int, V: int, dtype: str) -> "Problem":
+        return cls(K=int(K), V=int(V), dtype=dtype, decay=mixer.decay_kind, bonus=mixer.bonus is not None,
+                   normalize=bool(mixer.normalize))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    smem_bytes: int
+    regs_per_thread: int
+
+
+def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
+    """Shared memory and registers of the widest program a config launches, from templates/chunk*.jinja.
+
+    Notation (the templates' constexprs): BT = chunk, BC = sub_chunk,
+    NS = BT / BC, BK = max(16, next_pow2(K)) (the chunk kernels keep all of K),
+    BV = the value tile, W = num_warps (32 threads each), S = num_stages,
+    e = bytes of a dot operand (DOT_DT: the input dtype, fp32 for fp32 inputs),
+    e_in = bytes of an input element. "key" = per-key decay (KEYD).
+
+    Registers: Triton spreads each block tile over the 32*W threads, one
+    register per fp32 element. The peak live set of each kernel, read off the
+    templates (maps are computed in fp32 right after the loads):
+
+    chunk_fwd_kernel, inside sub-chunk I of a chunk (fwd_chunk):
+        state   b_S, and b_Sc when fused            BK*BV * (2 fused | 1 two_pass)
+        row I   b_qg|b_qe, b_kI (+ b_BI, b_BqI key)  BC*BK * (4 key | 2)
+                b_vI, b_acc                          2 * BC*BV
+        block   off-diagonal X: b_fk (+ b_BX key),  BC*BK * (2 key | 1) + BC*BV + BC*BC
+                b_fv, b_A; or the diagonal block:  2 * BC*BC*BK (key, [BC,BC,BK] broadcast,
+                                                   used while BC*BC*BK <= codegen.chunk.DIAG_3D_MAX)
+    chunk_states_kernel (two_pass forward, every backward), one whole chunk:
+        b_S BK*BV, b_fk, b_kd (+ b_fa, b_B key) BT*BK * (4 key | 2), b_fv BT*BV
+    chunk_bwd_kernel, inside sub-chunk R (bwd_chunk):
+        state   b_S (loaded), b_dS, b_dSc fused      BK*BV * (3 fused | 2)
+        row R   q, k, qe (+ a, B, Bq, kdec key)      BC*BK * (6 key | 3), v, do, do_raw 3 * BC*BV
+        accum   b_dq, b_dk, b_dv                     2 * BC*BK + BC*BV
+        block   X: fq, (fa, BX, BqX, qg, kf key)     BC*BK * (5 key | 2) + BC*BV + 2 * BC*BC
+                diagonal broadcast (key)             3 * BC*BC*BK
+    chunk_dstates_kernel (two_pass backward) is the states kernel with q, do.
+    A thread's count is peak / (32*W) + 32 (addresses, offsets, loop state).
+    Above 255 Triton spills to local memory: slower, not an error; so only a
+    clear excess (DeviceLimits.spill_slack) prunes.
+
+    Shared memory: each tl.dot stages its operands in shared memory (Hopper's
+    wgmma reads B, and A unless it comes from registers); dots that are not
+    live together reuse the space, so the largest dot counts:
+        fwd  max(BC*BK + BK*BV (qe @ S), BK*BC + BC*BV (kd^T @ v), 2*BC*BK (q k^T)) * e
+        bwd  max(BC*BV + BV*BK (do @ S^T), BC*BK + BK*BV (kd @ dS)) * e
+        states  (BK*BT + BT*BV) * e
+    plus layout-conversion scratch (transposes, axis-0 reductions): the largest
+    converted fp32 tile, 4 * max(BC*BK, BC*BV, BT*BK for the states kernel),
+    plus Triton's software pipeline: loads in the runtime chunk loop kept for
+    S - 1 stages ahead, (S - 1) * e_in * BT * (2*BK + BV (+ BK key decay) (+ BV do, bwd)).
+    The limit is the per-block opt-in maximum (227 KB on H100).
+
+    The recurrent kernels hold the state [BK, BV] fp32 (and dS in the
+    backward) plus one row of q, k, v: registers BK*BV*(1|2) / (32 W) + 32,
+    shared memory a few rows.
+    """
+    e_in = BYTES[p.dtype]
+    e = e_in                     # DOT_DT follows the input dtype (tf32 precision for 16-bit, ieee for fp32)
+    BK = max(16, next_pow2(p.K))
+    W = 32 * cfg.num_warps
+    BV = cfg.BV
+    if kernel in RECURRENT_KERNELS:
+        state = BK * BV * (2 if kernel == "recurrent_bwd" else 1)
+        return Resources(smem_bytes=4 * (BK + BV) * 4, regs_per_thread=-(-(state + 4 * BK + 2 * BV) // W) + 32)
+    BT, BC, S = cfg.chunk, cfg.sub_chunk, cfg.num_stages
+    key = p.decay == "key"
+    fused = cfg.strategy == "fused"
+    diag3d = key and BC * BC * BK <= DIAG_3D_MAX
+    states = BK * BV + BT * BK * (4 if key else 2) + BT * BV
+    if kernel == "chunk_fwd":
+        block = max(BC * BK * (2 if key else 1) + BC * BV + BC * BC, 2 * BC * BC * BK if diag3d else 0)
+        main = BK * BV * (2 if fused else 1) + BC * BK * (4 if key else 2) + 2 * BC * BV + block
+        peak = main if fused else max(main, states)
+        dots = max(BC * BK + BK * BV, BK * BC + BC * BV, 2 * BC * BK)
+        loads = BT * (2 * BK + BV + (BK if key else 0))
+        uses_states = not fused
+    else:
+        block = max(BC * BK * (5 if key else 2) + BC * BV + 2 * BC * BC, 3 * BC * BC * BK if diag3d else 0)
+        main = (BK * BV * (3 if fused else 2) + BC * BK * (6 if key else 3) + 3 * BC * BV
+                + 2 * BC * BK + BC * BV + block)
+        peak = max(main, states)
+        dots = max(BC * BV + BV * BK, BC * BK + BK * BV)
+        loads = BT * (2 * BK + 2 * BV + (BK if key else 0))
+        uses_states = True
+    if uses_states:
+        dots = max(dots, BK * BT + BT * BV)
+    scratch = 4 * max(BC * BK, BC * BV, BT * BK if uses_states else 0)
+    smem = dots * e + scratch + (S - 1) * e_in * loads
+    return Resources(smem_bytes=smem, regs_per_thread=-(-peak // W) + 32)
+
+
+# --------------------------------------------------------------------------- the space
+
+def _pow2(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
+
+
+def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, tuple]:
+    """The values each axis may take, before constraints.
+
+    GPU: chunks 32-128 (16-row chunks waste the tensor cores), sub-chunks
+    16-64, value tiles 16-128, 2-8 warps, 1-3 pipeline stages, both strategies.
+    BK is not searched: the chunk templates keep all of K in one tile.
+    Interpreter: small tiles and few values (only the mechanics run there;
+    num_warps/num_stages are not even passed to its launches).
+    """
+    Vp = next_pow2(p.V)
+    if kernel in RECURRENT_KERNELS:
+        bvs = (8, 16, 32) if interpret else (16, 32, 64, 128)
+        return {"BV": tuple(b for b in bvs if b <= max(Vp, bvs[0])),
+                "num_warps": (1, 2, 4) if interpret else (1, 2, 4, 8)}
+    if interpret:
+        axes = {"chunk": (8, 16), "sub_chunk": (4, 8, 16), "BV": (8, 16),
+                "num_warps": (2, 4), "num_stages": (1,), "strategy": ("fused", "two_pass")}
+    else:
+        axes = {"chunk": (32, 64, 128), "sub_chunk": (16, 32, 64), "BV": (16, 32, 64, 128),
+                "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "strategy": ("fused", "two_pass")}
+    axes["BV"] = tuple(b for b in axes["BV"] if b <= Vp) or (min(axes["BV"]),)
+    return axes
+
+
+@dataclasses.dataclass
+class SearchSpace:
+    kernel: str
+    problem: Problem
+    axes: dict[str, tuple]
+    fixed: dict[str, Any]
+    limits: DeviceLimits
+
+    # ---- constraints
+    def check(self, cfg: KernelConfig) -> list[str]:
+        """Why `cfg` is invalid for this kernel and problem; empty when it is valid."""
+        why = []
+        p, L = self.problem, self.limits
+        Kp, Vp = next_pow2(p.K), next_pow2(p.V)
+        for name in ("chunk", "sub_chunk", "BV", "num_warps"):
+            if not _pow2(getattr(cfg, name)):
+                why.append(f"{name}={getattr(cfg, name)} is not a power of two")
+        if cfg.BK is not None and not _pow2(cfg.BK):
+            why.append(f"BK={cfg.BK} is not a power of two")
+        if not isinstance(cfg.num_stages, int) or cfg.num_stages < 1:
+            why.append(f"num_stages={cfg.num_stages} must be >= 1")
+        if cfg.strategy not in ("fused", "two_pass"):
+            why.append(f"unknown strategy {cfg.strategy!r}")
+        if why:
+            return why
+        if cfg.BV > max(Vp, 16 if L.min_dot >= 16 else 1):
+            why.append(f"BV={cfg.BV} > V padded ({Vp})")
+        if cfg.BV < L.min_dot and self.kernel in CHUNK_KERNELS:
+            why.append(f"BV={cfg.BV} < {L.min_dot} (tl.dot minimum)")
+        if self.kernel in CHUNK_KERNELS:
+            if cfg.sub_chunk > cfg.chunk or cfg.chunk % cfg.sub_chunk:
+                why.append(f"chunk={cfg.chunk} is not a multiple of sub_chunk={cfg.sub_chunk}")
+            elif cfg.chunk // cfg.sub_chunk > L.max_subchunks:
+                why.append(f"chunk/sub_chunk={cfg.chunk // cfg.sub_chunk} sub-chunks > {L.max_subchunks} "
+                           "(unrolled: compile time)")
+            if cfg.chunk < L.min_dot or cfg.sub_chunk < L.min_dot:
+                why.append(f"chunk/sub_chunk below {L.min_dot} (tl.dot minimum)")
+            if cfg.BK is not None and cfg.BK < Kp:
+                why.append(f"BK={cfg.BK} < K padded={Kp}: the chunk kernels keep all of K (BK=None)")
+            if not why and _codegen_check is not None:
+                try:
+                    _codegen_check(cfg, p.K, p.V, gpu=L.min_dot >= 16)
+                except ValueError as e:
+                    why.append(f"codegen rejects it: {e}")
+        res = estimate_resources(self.kernel, cfg, p)
+        if res.smem_bytes > L.smem_per_block:
+            why.append(f"shared memory {res.smem_bytes / 1024:.0f} KB > {L.smem_per_block / 1024:.0f} KB")
+        reg_cap = min(L.regs_per_thread, L.regs_per_sm // (32 * cfg.num_warps))
+        if res.regs_per_thread > reg_cap * L.spill_slack:
+            why.append(f"~{res.regs_per_thread} registers/thread > {reg_cap} (x{L.spill_slack} spill slack)")
+        return why
+
+    def is_valid(self, cfg: KernelConfig) -> bool:
+        return not self.check(cfg)
+
+    # ---- enumeration
+    def config(self, params: dict) -> KernelConfig:
+        """A KernelConfig from axis values (the study's trial params) and the pinned fields."""
+        return KernelConfig(**{**self.fixed, **{a: params[a] for a in self.axes}})
+
+    def params(self, cfg: KernelConfig) -> dict:
+        return {a: getattr(cfg, a) for a in self.axes}
+
+    def candidates(self) -> Iterable[KernelConfig]:
+        names = list(self.axes)
+        for values in itertools.product(*(self.axes[n] for n in names)):
+            yield self.config(dict(zip(names, values)))
+
+    def grid(self) -> list[KernelConfig]:
+        """Every valid config, in a fixed order."""
+        if not hasattr(self, "_grid"):
+            self._grid = [c for c in self.candidates() if self.is_valid(c)]
+        return self._grid
+
+    def pruned(self) -> list[tuple[KernelConfig, list[str]]]:
+        return [(c, w) for c in self.candidates() if (w := self.check(c))]
+
+    def choices(self, axis: str) -> tuple:
+        """The values of one axis that occur in the valid grid (the study's categorical choices)."""
+        seen = {getattr(c, axis) for c in self.grid()}
+        return tuple(v for v in self.axes[axis] if v in seen)
+
+    def contains(self, cfg: KernelConfig) -> bool:
+        return all(getattr(cfg, k) == v for k, v in self.fixed.items()) and cfg in set(self.grid())
+
+    @property
+    def hash(self) -> str:
+        """Identifies the space (axes, pinned values, limits): a study only ever sees one space."""
+        d = {"kernel": self.kernel, "problem": dataclasses.asdict(self.problem),
+             "axes": {a: list(self.choices(a)) for a in self.axes}, "fixed": self.fixed,
+             "limits": dataclasses.asdict(self.limits)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def heuristic(self, interpret: bool = False) -> KernelConfig:
+        return _heuristic(self.kernel, self.problem, interpret)
+
+    def __len__(self) -> int:
+        return len(self.grid())
+
+
+def _heuristic(kernel: str, p: Problem, interpret: bool) -> KernelConfig:
+    return heuristic_config(kernel, p.K, p.V, p.dtype, interpret=interpret)
+
+
+def build_space(kernel: str, problem: Problem, *, limits: Optional[DeviceLimits] = None,
+                interpret: Optional[bool] = None, axes: Optional[dict[str, tuple]] = None) -> SearchSpace:
+    """The search space of `kernel` for `problem` on a device with `limits`."""
+    from .keys import interpret_mode
+
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    interpret = interpret_mode() if interpret is None else interpret
+    limits = limits or device_limits()
+    ax = dict(axes) if axes is not None else default_axes(kernel, problem, interpret)
+    unknown = set(ax) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown axes {sorted(unknown)}")
+    base = _heuristic(kernel, problem, interpret).to_dict()
+    fixed = {k: v for k, v in base.items() if k not in ax}
+    if kernel in CHUNK_KERNELS and "sub_chunk" not in ax and "chunk" in ax:
+        # sub_chunk pinned by the caller's axes: keep it a divisor of every chunk
+        if any(c % fixed["sub_chunk"] or c < fixed["sub_chunk"] for c in ax["chunk"]):
+            fixed["sub_chunk"] = min(ax["chunk"])
+    return SearchSpace(kernel=kernel, problem=problem, axes=ax, fixed=fixed, limits=limits)

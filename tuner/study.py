@@ -1,0 +1,520 @@
+"""One Optuna study per TuneKey: seeded TPE over the pruned space, every candidate checked, failures recorded.
+
+The mechanics, independent of any kernel: an `Objective` holds fixed inputs, a
+runner `(config, inputs) -> (outputs, time_ms)` and the trusted outputs the
+runner's outputs must match. `optimize` drives the study with Optuna's
+ask/tell on the study's own storage, so several processes (or machines) can
+fill one study:
+
+* a trial's params are sampled per axis (categorical over the values of the
+  valid grid) by a seeded TPE sampler; a combination outside the valid grid is
+  told PRUNED (user attr skipped="invalid") and never built;
+* a config that some other trial already ran (or is running) is told PRUNED
+  (skipped="duplicate"): a config is never run twice. Of two concurrent trials
+  with equal params, the lower trial number runs, so no order of events runs both;
+* an exception while building or running is a FAIL with user attr reason
+  (compile_error, out_of_resources, out_of_memory, timeout, error, cuda_error);
+* outputs that differ from the trusted ones are a FAIL with reason
+  "wrong_result" and rejected=True (this routes around miscompiles);
+* only COMPLETE trials are ever chosen, so failed and rejected configs never win.
+
+`n_trials` is the study's target number of evaluated trials (complete, failed,
+rejected, or running elsewhere), not a per-call increment: an interrupted tune
+resumes where it stopped, and workers sharing a study stop together.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import math
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from mixforge.codegen.config import KernelConfig
+
+from .keys import tuner_dir
+from .space import SearchSpace
+
+Runner = Callable[[KernelConfig, dict], tuple[Any, float]]
+
+#: FAIL reasons that mean "this config ran and lost"; other FAILs (interrupted, stale) may be retried
+DEFINITIVE_FAILS = ("compile_error", "out_of_resources", "out_of_memory", "timeout", "error", "cuda_error",
+                    "wrong_result", "bad_timing")
+TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 2e-2}
+MAX_CONSECUTIVE_SKIPS = 40
+
+
+class TrialTimeout(Exception):
+    pass
+
+
+class TunerAbort(RuntimeError):
+    """The device is unusable (a sticky CUDA error); the process must restart to continue tuning."""
+
+
+@dataclasses.dataclass
+class Objective:
+    """What one study measures."""
+
+    inputs: Any
+    run: Runner
+    trusted: Callable[[Any], Any]      # inputs -> trusted outputs (computed once, lazily)
+    tolerance: float = 2e-3
+    describe: str = ""
+    _trusted: Any = dataclasses.field(default=None, repr=False)
+    _have_trusted: bool = dataclasses.field(default=False, repr=False)
+
+    def trusted_outputs(self):
+        if not self._have_trusted:
+            self._trusted = self.trusted(self.inputs)
+            self._have_trusted = True
+        return self._trusted
+
+
+# --------------------------------------------------------------------------- storage
+
+_STORAGES: dict[str, Any] = {}
+
+
+def default_storage_url() -> str:
+    path = tuner_dir() / "studies.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def resolve_storage(url: Optional[str] = None):
+    """An Optuna storage from a URL: sqlite:///..., postgresql://..., mysql://..., or journal:PATH (a journal file).
+
+    None: the SQLite file under the cache dir, so an interrupted study resumes.
+    """
+    url = url or default_storage_url()
+    if url in _STORAGES:
+        return _STORAGES[url]
+    if url.startswith("journal:"):
+        path = url[len("journal:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError("journal storage needs a file: journal:PATH")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            from optuna.storages.journal import JournalFileBackend
+        except ImportError:  # optuna < 4
+            from optuna.storages import JournalFileStorage as JournalFileBackend
+        storage = optuna.storages.JournalStorage(JournalFileBackend(path))
+    elif url.startswith("sqlite:"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        _sqlite_pragmas(storage)
+    elif "://" in url:
+        storage = optuna.storages.RDBStorage(url)
+    else:
+        raise ValueError(f"unrecognized storage {url!r}: use sqlite:///FILE, postgresql://..., mysql://... "
+                         "or journal:FILE")
+    _STORAGES[url] = storage
+    return storage
+
+
+def _sqlite_pragmas(storage) -> None:
+    """WAL journal (readers never block the writer: several local workers) and fewer fsyncs.
+
+    synchronous=NORMAL in WAL mode stays consistent after a crash of the process;
+    only a power loss may drop the last transactions.
+    """
+    try:
+        from sqlalchemy import event
+
+        def on_connect(dbapi_conn, record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        event.listen(storage.engine, "connect", on_connect)
+        storage.engine.dispose()  # connections opened before the listener
+    except Exception:  # an older optuna/sqlalchemy: keep the defaults
+        pass
+
+
+def open_study(name: str, storage=None, *, seed: int = 0, n_startup_trials: int = 10) -> optuna.Study:
+    storage = resolve_storage(storage) if storage is None or isinstance(storage, str) else storage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                             n_startup_trials=n_startup_trials)
+    with quiet_optuna():
+        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="minimize",
+                                   load_if_exists=True)
+
+
+# --------------------------------------------------------------------------- one trial
+
+def classify(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name == "OutOfResources" or "out of resource" in text:
+        return "out_of_resources"
+    if name in ("CompilationError", "CompileTimeAssertionFailure", "UnsupportedLanguageConstruct", "PTXASError"):
+        return "compile_error"
+    if name == "OutOfMemoryError" or "out of memory" in text:
+        return "out_of_memory"
+    if any(s in text for s in ("illegal memory access", "unspecified launch failure", "illegal instruction",
+                               "misaligned address", "device-side assert")):
+        return "cuda_error"
+    return "error"
+
+
+@contextlib.contextmanager
+def _deadline(seconds: Optional[float]):
+    """Raise TrialTimeout in this thread after `seconds` (SIGALRM: main thread on Unix; else checked afterwards)."""
+    use_alarm = (seconds is not None and seconds > 0 and hasattr(signal, "setitimer")
+                 and threading.current_thread() is threading.main_thread())
+    if not use_alarm:
+        yield
+        return
+
+    def fire(signum, frame):
+        raise TrialTimeout(f"trial exceeded {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _leaves(x, path="out"):
+    import torch
+
+    if x is None:
+        yield path, None
+    elif isinstance(x, torch.Tensor):
+        yield path, x
+    elif isinstance(x, (tuple, list)):
+        yield path, ("seq", len(x))
+        for i, y in enumerate(x):
+            yield from _leaves(y, f"{path}[{i}]")
+    elif isinstance(x, dict):
+        yield path, ("map", tuple(sorted(x)))
+        for k in sorted(x):
+            yield from _leaves(x[k], f"{path}.{k}")
+    else:
+        yield path, ("value", x)
+
+
+def compare(outputs, trusted, tolerance: float) -> tuple[bool, float, str]:
+    """(ok, worst relative error, detail): ||out - ref|| / ||ref|| per tensor, NaN/Inf never passes."""
+    import torch
+
+    a, b = list(_leaves(outputs)), list(_leaves(trusted))
+    if [p for p, _ in a] != [p for p, _ in b]:
+        return False, math.inf, "output structure differs from the trusted outputs"
+    worst, where = 0.0, ""
+    for (path, x), (_, y) in zip(a, b):
+        if isinstance(y, torch.Tensor):
+            if not isinstance(x, torch.Tensor):
+                return False, math.inf, f"{path} is missing"
+            if tuple(x.shape) != tuple(y.shape):
+                return False, math.inf, f"{path} has shape {tuple(x.shape)}, expected {tuple(y.shape)}"
+            xd, yd = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
+            if not torch.isfinite(xd).all():
+                return False, math.inf, f"{path} has NaN or Inf"
+            err = (xd - yd).norm().item() / max(yd.norm().item(), 1e-30)
+            if not (err <= worst):
+                worst, where = err, path
+        elif x != y:
+            return False, math.inf, f"{path} differs"
+    if worst > tolerance:
+        return False, worst, f"{where}: relative error {worst:.2e} > {tolerance:.1e}"
+    return True, worst, ""
+
+
+def evaluate(objective: Objective, cfg: KernelConfig, trial_timeout: Optional[float] = None) -> dict:
+    """Run and check one config. Returns {'state', 'value', attrs...}; never raises except KeyboardInterrupt."""
+    t0 = time.perf_counter()
+    attrs: dict[str, Any] = {}
+    trusted = objective.trusted_outputs()  # a failure here is the harness's, not the config's: it propagates
+    try:
+        with _deadline(trial_timeout):
+            outputs, ms = objective.run(cfg, objective.inputs)
+        wall = time.perf_counter() - t0
+        if trial_timeout and wall > trial_timeout:
+            raise TrialTimeout(f"trial took {wall:.1f} s > {trial_timeout:g} s")
+    except KeyboardInterrupt:
+        raise
+    except TrialTimeout as e:
+        return {"state": TrialState.FAIL, "reason": "timeout", "error": str(e), "wall_s": time.perf_counter() - t0}
+    except Exception as e:  # a config that does not build or run is a failed trial, never fatal
+        return {"state": TrialState.FAIL, "reason": classify(e), "error": f"{type(e).__name__}: {e}"[:800],
+                "wall_s": time.perf_counter() - t0}
+    attrs["wall_s"] = wall
+    ok, err, detail = compare(outputs, trusted, objective.tolerance)
+    attrs["rel_err"] = err if math.isfinite(err) else None
+    try:
+        ms = float(ms)
+    except (TypeError, ValueError):
+        ms = math.nan
+    if math.isfinite(ms):
+        attrs["time_ms"] = ms
+    if not ok:
+        return {"state": TrialState.FAIL, "reason": "wrong_result", "rejected": True, "error": detail, **attrs}
+    if not (math.isfinite(ms) and ms > 0):
+        return {"state": TrialState.FAIL, "reason": "bad_timing", "error": f"timer returned {ms!r}", **attrs}
+    return {"state": TrialState.COMPLETE, "value": ms, **attrs}
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _cfg_of(t, space: SearchSpace) -> Optional[KernelConfig]:
+    try:
+        if all(a in t.params for a in space.axes):
+            return space.config(t.params)
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _ran(t) -> bool:
+    """Did this trial run its config (or is it running it)? Such a config is never run again."""
+    if t.state in (TrialState.COMPLETE, TrialState.RUNNING):
+        return True
+    return t.state == TrialState.FAIL and t.user_attrs.get("reason") in DEFINITIVE_FAILS
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale(study: optuna.Study, stale_after_s: float) -> int:
+    """Mark RUNNING trials of dead workers FAIL (reason 'stale'), so their configs may run again."""
+    n, host = 0, socket.gethostname()
+    now = _dt.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        h, _, pid = worker.rpartition(":")
+        dead = h == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > stale_after_s
+        if dead or old:
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "reason", "stale")
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                n += 1
+            except Exception:  # finished meanwhile
+                pass
+    return n
+
+
+@dataclasses.dataclass
+class StudyReport:
+    study_name: str
+    grid_size: int
+    best_config: Optional[KernelConfig]
+    best_ms: Optional[float]
+    best_trial: Optional[int]
+    baseline_config: Optional[KernelConfig]
+    baseline_ms: Optional[float]
+    complete: int
+    failed: int          # FAIL, not counting rejected
+    rejected: int        # wrong results
+    skipped: int         # PRUNED: invalid or duplicate samples, never built
+    new_evaluated: int = 0   # evaluated by this call
+    new_failed: int = 0
+    new_rejected: int = 0
+    stop_reason: str = ""
+    history: list = dataclasses.field(default_factory=list)
+
+    @property
+    def evaluated(self) -> int:
+        return self.complete + self.failed + self.rejected
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.best_ms and self.baseline_ms:
+            return self.baseline_ms / self.best_ms
+        return None
+
+
+def summarize(study: optuna.Study, space: SearchSpace, baseline: Optional[KernelConfig] = None) -> StudyReport:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    rejected = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("rejected")]
+    failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("rejected")
+              and t.user_attrs.get("reason") in DEFINITIVE_FAILS]
+    skipped = [t for t in trials if t.state == TrialState.PRUNED]
+    best = min(complete, key=lambda t: (t.value, t.number), default=None)
+    base_ms = None
+    if baseline is not None:
+        for t in complete:
+            if _cfg_of(t, space) == baseline:
+                base_ms = t.value
+                break
+    history = []
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state in (TrialState.COMPLETE, TrialState.FAIL):
+            cfg = _cfg_of(t, space)
+            history.append({"number": t.number, "state": t.state.name, "time_ms": t.value,
+                            "reason": t.user_attrs.get("reason"), "rejected": bool(t.user_attrs.get("rejected")),
+                            "rel_err": t.user_attrs.get("rel_err"), "worker": t.user_attrs.get("worker"),
+                            "config": cfg.to_dict() if cfg else None})
+    return StudyReport(study_name=study.study_name, grid_size=len(space.grid()),
+                       best_config=_cfg_of(best, space) if best else None, best_ms=best.value if best else None,
+                       best_trial=best.number if best else None, baseline_config=baseline, baseline_ms=base_ms,
+                       complete=len(complete), failed=len(failed), rejected=len(rejected), skipped=len(skipped),
+                       history=history)
+
+
+def optimize(study: optuna.Study, space: SearchSpace, objective: Objective, *, n_trials: int,
+             timeout: Optional[float] = None, trial_timeout: Optional[float] = None, grid: bool = False,
+             baseline: Optional[KernelConfig] = None, seed: int = 0,
+             callback: Optional[Callable[[dict], None]] = None, stale_after_s: Optional[float] = None,
+             max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS) -> StudyReport:
+    """Fill `study` until it holds `n_trials` evaluated trials (or the grid is done, or `timeout` passes).
+
+    grid=True enqueues every valid config and runs the queue (n_trials is then the grid size).
+    `baseline` (the heuristic config) is enqueued first when it is in the grid.
+    `callback(event)` sees {'kind': 'trial'|'skip'|'stop', ...} after each step (progress bars).
+    """
+    start = time.perf_counter()
+    deadline = start + timeout if timeout else None
+    grid_cfgs = space.grid()
+    if not grid_cfgs:
+        raise ValueError(f"the search space of {space.kernel} is empty: every config was pruned")
+    choices = {a: space.choices(a) for a in space.axes}
+    valid = set(grid_cfgs)
+    worker = _worker_id()
+    rng = random.Random(seed * 1_000_003 + 17)
+    notify = callback or (lambda event: None)
+    if grid:
+        n_trials = len(grid_cfgs)
+    stale = stale_after_s if stale_after_s is not None else max(3 * (trial_timeout or 0), 3600)
+    reap_stale(study, stale)
+    objective.trusted_outputs()
+
+    # the queue: the baseline first, then (grid) every config not yet present
+    present = {c for t in study.get_trials(deepcopy=False) if (c := _cfg_of(t, space)) is not None
+               and (t.state == TrialState.WAITING or _ran(t))}
+    queue = ([baseline] if baseline is not None and baseline in valid else []) + (grid_cfgs if grid else [])
+    for cfg in queue:
+        if cfg not in present:
+            study.enqueue_trial(space.params(cfg), user_attrs={"enqueued": "grid" if grid else "baseline"})
+            present.add(cfg)
+
+    new_eval = new_fail = new_rej = 0
+    skips = 0
+    stop = ""
+    held = None
+    try:
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            ran = [t for t in trials if _ran(t)]
+            ran_cfgs = {_cfg_of(t, space) for t in ran}
+            if len(ran) >= n_trials:
+                stop = "target reached"
+                break
+            if len(ran_cfgs & valid) >= len(valid):
+                stop = "space exhausted"
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                stop = "timeout"
+                break
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            if grid and not waiting:
+                stop = "grid done"
+                break
+            if skips >= max_consecutive_skips and not waiting:
+                untried = [c for c in grid_cfgs if c not in ran_cfgs]
+                study.enqueue_trial(space.params(rng.choice(untried)), user_attrs={"enqueued": "fallback"})
+                skips = 0
+                continue
+
+            held = study.ask()
+            params = {a: held.suggest_categorical(a, choices[a]) for a in space.axes}
+            cfg = space.config(params)
+            held.set_user_attr("worker", worker)
+            if grid and "enqueued" not in held.user_attrs:
+                study.tell(held, state=TrialState.PRUNED)
+                held = None
+                stop = "grid done"
+                break
+            skip = None
+            if cfg not in valid:
+                skip = "invalid"
+            else:
+                for t in study.get_trials(deepcopy=False):
+                    if t.number != held.number and _ran(t) and _cfg_of(t, space) == cfg and \
+                            (t.state != TrialState.RUNNING or t.number < held.number):
+                        skip = f"duplicate of trial {t.number}"
+                        break
+            if skip:
+                held.set_user_attr("skipped", skip)
+                study.tell(held, state=TrialState.PRUNED)
+                held = None
+                skips += 1
+                notify({"kind": "skip", "reason": skip, "config": cfg})
+                continue
+            skips = 0
+            result = evaluate(objective, cfg, trial_timeout)
+            state, value = result.pop("state"), result.pop("value", None)
+            for k, v in result.items():
+                if v is not None:
+                    held.set_user_attr(k, v)
+            number = held.number
+            if state == TrialState.COMPLETE:
+                study.tell(held, value)
+            else:
+                study.tell(held, state=TrialState.FAIL)
+            held = None
+            new_eval += 1
+            new_rej += bool(result.get("rejected"))
+            new_fail += state == TrialState.FAIL and not result.get("rejected")
+            notify({"kind": "trial", "number": number, "config": cfg, "state": state.name, "time_ms": value,
+                    **result})
+            if result.get("reason") == "cuda_error":
+                raise TunerAbort(f"trial {number} ({cfg}) left the device unusable: {result.get('error')}; "
+                                 "restart the process to resume the study")
+    except BaseException:
+        if held is not None:
+            with contextlib.suppress(Exception):
+                held.set_user_attr("reason", "interrupted")
+                study.tell(held, state=TrialState.FAIL)
+        raise
+    report = summarize(study, space, baseline)
+    report.new_evaluated, report.new_failed, report.new_rejected = new_eval, new_fail, new_rej
+    report.stop_reason = stop
+    notify({"kind": "stop", "reason": stop})
+    return report
+
+
+@contextlib.contextmanager
+def quiet_optuna():
+    """Optuna logs every trial at INFO; the tuner reports progress itself."""
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(old)
