@@ -1,0 +1,206 @@
+"""Keys and buckets, the JSON config cache (atomic, corruption-proof) and the runtime lookup order."""
+import json
+import os
+import pickle
+import warnings
+
+import pytest
+
+from mixforge.codegen.config import KernelConfig, ShapeKey
+from mixforge.tuner import cache as cache_mod
+from mixforge.tuner.cache import CacheFormatError, CacheWarning, ConfigCache
+from mixforge.tuner.keys import DeviceId, TuneKey, bucket, dtype_name, make_key
+from mixforge.tuner.lookup import TunedLookup
+
+DEV = DeviceId("NVIDIA H100 80GB HBM3", "9.0")
+
+
+def key(T=4096, B=4, H=16, K=128, V=128, kernel="chunk_fwd", dtype="bf16", mixer="abc123", triton="3.6.0",
+        source="src1", device=DEV):
+    return make_key(mixer, kernel, dtype, B, T, H, K, V, device=device, triton=triton, source=source)
+
+
+def put(c: ConfigCache, k: TuneKey, chunk=64, ms=1.0):
+    return c.put(k, KernelConfig(chunk=chunk), ms, baseline_ms=2 * ms, mixer_name="gla",
+                 trials={"target": 10, "evaluated": 10})
+
+
+# --------------------------------------------------------------------------- keys
+
+def test_buckets_are_powers_of_four():
+    assert [bucket(n) for n in (1, 2, 4, 5, 16, 17, 3000, 4096, 4097)] == [1, 4, 4, 16, 16, 64, 4096, 4096, 16384]
+
+
+def test_dynamic_shapes_within_a_bucket_share_a_key():
+    assert key(T=3000) == key(T=4096) == key(T=1025)
+    assert key(T=4097) != key(T=4096)
+    assert key(B=4, H=16) == key(B=2, H=32) == key(B=1, H=64)
+    assert key(B=8, H=16) != key(B=4, H=16)
+    # everything else is exact
+    for other in (key(K=64), key(V=64), key(dtype="fp16"), key(kernel="chunk_bwd"), key(mixer="zzz"),
+                  key(triton="3.7.0"), key(source="src2"), key(device=DeviceId("NVIDIA A100", "8.0"))):
+        assert other != key() and str(other) != str(key())
+    k = key()
+    assert TuneKey.from_dict(json.loads(json.dumps(k.to_dict()))) == k
+    assert "T<=4096" in str(k) and "BH<=64" in str(k) and "sm9.0" in str(k)
+
+
+@pytest.mark.parametrize("text, name", [("bf16", "bf16"), ("bfloat16", "bf16"), ("torch.bfloat16", "bf16"),
+                                        ("float32", "fp32"), ("fp16", "fp16"), ("half", "fp16")])
+def test_dtype_spellings(text, name):
+    assert dtype_name(text) == name
+
+
+def test_unknown_dtype_is_an_error():
+    with pytest.raises(ValueError, match="unknown dtype"):
+        dtype_name("int8")
+
+
+# --------------------------------------------------------------------------- the file
+
+def test_put_get_and_reload(tmp_path):
+    c = ConfigCache(tmp_path / "configs.json")
+    put(c, key(), chunk=32)
+    again = ConfigCache(tmp_path / "configs.json")
+    e = again.get(key(T=2000))
+    assert KernelConfig.from_dict(e["config"]) == KernelConfig(chunk=32)
+    assert e["time_ms"] == 1.0 and e["key"]["T_bucket"] == 4096
+    put(c, key(), chunk=128)  # same key: replaced
+    assert KernelConfig.from_dict(ConfigCache(c.path).get(key())["config"]).chunk == 128
+    assert len(ConfigCache(c.path).entries()) == 1
+
+
+def test_a_crash_mid_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    c = ConfigCache(tmp_path / "configs.json")
+    put(c, key(), chunk=32)
+    before = c.path.read_bytes()
+
+    def crash(obj, f, **kw):  # the process dies after writing half the document
+        f.write(json.dumps(obj)[:40])
+        f.flush()
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(cache_mod.json, "dump", crash)
+    with pytest.raises(KeyboardInterrupt):
+        put(c, key(T=16384), chunk=128)
+    monkeypatch.undo()
+    assert c.path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert list(ConfigCache(c.path).entries()) == [str(key())]
+
+
+def test_a_crash_before_the_rename_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    c = ConfigCache(tmp_path / "configs.json")
+    put(c, key(), chunk=32)
+    before = c.path.read_bytes()
+    monkeypatch.setattr(cache_mod.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        put(c, key(T=16384), chunk=128)
+    monkeypatch.undo()
+    assert c.path.read_bytes() == before
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json",
+    b'{"entries": {}}',                                   # foreign: no format marker
+    b'{"format": "something-else", "version": 1, "entries": {}}',
+    b'{"format": "mixforge-tuned-configs", "version": 99, "entries": {}}',
+    b'[1, 2, 3]',
+    pickle.dumps({"format": "mixforge-tuned-configs"}),   # never unpickled
+    b"\xff\xfe\x00garbage",
+])
+def test_corrupt_or_foreign_files_are_reported_and_ignored(tmp_path, content):
+    path = tmp_path / "configs.json"
+    path.write_bytes(content)
+    c = ConfigCache(path)
+    with pytest.warns(CacheWarning, match=str(path).replace("\\", "\\\\")):
+        assert c.entries() == {}
+    lookup = TunedLookup(user=ConfigCache(path), shipped=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheWarning)
+        assert lookup(  "abc123", ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128)) is None
+    # writing moves the unreadable file aside (reported) and starts a fresh one
+    with pytest.warns(CacheWarning):
+        put(c, key())
+    assert list(ConfigCache(path).entries()) == [str(key())]
+    aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+
+
+def test_invalid_entries_are_skipped_and_reported(tmp_path):
+    c = ConfigCache(tmp_path / "configs.json")
+    put(c, key())
+    doc = json.loads(c.path.read_text())
+    good = doc["entries"][str(key())]
+    doc["entries"]["bogus"] = {**good}                                  # key fields do not spell its name
+    doc["entries"][str(key(T=16384))] = {**good, "key": key(T=16384).to_dict(), "config": {"chunk": "big"}}
+    doc["entries"][str(key(T=64))] = {**good, "key": key(T=64).to_dict(), "config": {"evil": 1}}
+    doc["entries"][str(key(T=256))] = {**good, "key": key(T=256).to_dict(), "time_ms": -1}
+    c.path.write_text(json.dumps(doc))
+    with pytest.warns(CacheWarning, match="4 invalid entries"):
+        assert list(ConfigCache(c.path).entries()) == [str(key())]
+
+
+def test_export_import_round_trip_and_rejection(tmp_path):
+    a = ConfigCache(tmp_path / "a.json")
+    put(a, key(), chunk=32)
+    put(a, key(kernel="chunk_bwd"), chunk=64)
+    assert a.export(tmp_path / "out.json") == 2
+    b = ConfigCache(tmp_path / "b.json")
+    put(b, key(), chunk=128)
+    what = b.import_file(tmp_path / "out.json")
+    assert sorted(what.values()) == ["added", "replaced"]
+    assert ConfigCache(b.path).entries() == ConfigCache(a.path).entries()
+    assert set(b.import_file(tmp_path / "out.json").values()) == {"unchanged"}
+    (tmp_path / "foreign.json").write_text('{"some": "other tool"}')
+    with pytest.raises(CacheFormatError, match="not a mixforge tuned-config file"):
+        b.import_file(tmp_path / "foreign.json")
+    doc = json.loads((tmp_path / "out.json").read_text())
+    doc["entries"][str(key())]["config"]["num_warps"] = "many"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    before = b.path.read_bytes()
+    with pytest.raises(CacheFormatError, match="nothing imported"):
+        b.import_file(tmp_path / "bad.json")
+    assert b.path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- lookup
+
+def test_lookup_order_user_then_shipped_then_nearest_then_heuristic(tmp_path, monkeypatch):
+    import mixforge.tuner.lookup as lk
+
+    monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
+        T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh))
+    user, shipped = ConfigCache(tmp_path / "user.json"), ConfigCache(tmp_path / "shipped.json")
+    look = TunedLookup(user=user, shipped=[shipped], autotune=False)
+    sk = ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128)
+    assert look.resolve("abc123", sk).source == "heuristic" and look("abc123", sk) is None
+    put(shipped, key(T=65536), chunk=16)
+    look.invalidate()
+    assert look.resolve("abc123", sk).source == "shipped-nearest" and look("abc123", sk).chunk == 16
+    put(user, key(T=256), chunk=32)
+    look.invalidate()
+    assert look.resolve("abc123", sk).source == "user-nearest" and look("abc123", sk).chunk == 32
+    put(shipped, key(), chunk=64)
+    look.invalidate()
+    assert look.resolve("abc123", sk).source == "shipped" and look("abc123", sk).chunk == 64
+    put(user, key(), chunk=128)
+    look.invalidate()
+    r = look.resolve("abc123", sk)
+    assert r.source == "user" and r.config.chunk == 128
+    # other hard fields never borrow a config
+    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 64, 128)) is None
+    assert look("zzz", sk) is None
+    assert look("abc123", ShapeKey("chunk_bwd", "bf16", 4, 4096, 16, 128, 128)) is None
+
+
+def test_shipped_defaults_are_valid_cache_files():
+    from mixforge.tuner.lookup import shipped_caches
+
+    caches = shipped_caches()
+    assert caches, "tuner/defaults/*.json must ship"
+    for c in caches:
+        text = c.path.read_text()
+        entries, problems = cache_mod.parse_document(text, str(c.path))
+        assert problems == []

@@ -1,0 +1,116 @@
+"""The search space: constraints prune invalid configs, and pruned configs never reach the runner."""
+import optuna
+import pytest
+
+from mixforge.codegen.config import KernelConfig
+from mixforge.tuner.space import (H100, CHUNK_KERNELS, DeviceLimits, Problem, build_space, estimate_resources)
+from mixforge.tuner.study import open_study, optimize
+from mixforge.tuner.testing import SyntheticObjective
+
+GLA = Problem(K=128, V=128, dtype="bf16", decay="key")
+MAMBA2 = Problem(K=128, V=128, dtype="bf16", decay="scalar")
+
+
+def gpu_space(kernel="chunk_fwd", p=GLA, limits=H100):
+    return build_space(kernel, p, limits=limits, interpret=False)
+
+
+def test_grid_holds_only_valid_configs_and_pruned_ones_say_why():
+    sp = gpu_space()
+    grid = sp.grid()
+    assert 0 < len(grid) < len(list(sp.candidates()))
+    for cfg in grid:
+        assert sp.check(cfg) == []
+        assert cfg.chunk % cfg.sub_chunk == 0 and cfg.BV <= 128
+    pruned = sp.pruned()
+    assert pruned and all(reasons for _, reasons in pruned)
+    assert {c for c, _ in pruned}.isdisjoint(grid)
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    (KernelConfig(chunk=64, sub_chunk=48, BV=64), "power of two"),
+    (KernelConfig(chunk=32, sub_chunk=64, BV=64), "multiple of sub_chunk"),
+    (KernelConfig(chunk=64, sub_chunk=16, BV=256), "V padded"),
+    (KernelConfig(chunk=64, sub_chunk=8, BV=64), "tl.dot minimum"),
+    (KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=64), "BK=64"),
+    (KernelConfig(chunk=128, sub_chunk=16, BV=64, num_warps=8), None),
+    (KernelConfig(chunk=64, sub_chunk=16, BV=64, num_warps=6), "power of two"),
+    (KernelConfig(chunk=64, sub_chunk=16, BV=3), "power of two"),
+    (KernelConfig(chunk=64, sub_chunk=16, BV=64, strategy="magic"), "strategy"),
+])
+def test_constraints_name_the_problem(cfg, needle):
+    reasons = gpu_space().check(cfg)
+    if needle is None:
+        assert reasons == []
+    else:
+        assert any(needle in r for r in reasons), reasons
+
+
+def test_shared_memory_and_register_estimates_prune():
+    sp = gpu_space()
+    big = KernelConfig(chunk=128, sub_chunk=64, BV=128, num_warps=8, num_stages=3)
+    res = estimate_resources("chunk_fwd", big, GLA)
+    assert res.smem_bytes > H100.smem_per_block
+    assert any("shared memory" in r for r in sp.check(big))
+    # the same config fits a device with more shared memory
+    roomy = DeviceLimits(smem_per_block=10 * res.smem_bytes, regs_per_thread=10_000, regs_per_sm=10 ** 9)
+    assert gpu_space(limits=roomy).check(big) == []
+    # registers: a big state over two warps spills far past 255 per thread
+    few = KernelConfig(chunk=128, sub_chunk=32, BV=128, num_warps=2, num_stages=1)
+    assert any("registers" in r for r in sp.check(few))
+    # more stages never need less shared memory; fp32 never less than bf16
+    for s in (1, 2):
+        a = KernelConfig(chunk=64, sub_chunk=16, BV=64, num_stages=s)
+        b = KernelConfig(chunk=64, sub_chunk=16, BV=64, num_stages=s + 1)
+        assert estimate_resources("chunk_fwd", a, GLA).smem_bytes < estimate_resources("chunk_fwd", b, GLA).smem_bytes
+    f32 = Problem(K=128, V=128, dtype="fp32", decay="key")
+    c = KernelConfig()
+    assert estimate_resources("chunk_fwd", c, f32).smem_bytes > estimate_resources("chunk_fwd", c, GLA).smem_bytes
+
+
+def test_heuristic_default_is_in_the_gpu_space():
+    for kernel in CHUNK_KERNELS:
+        for p in (GLA, MAMBA2):
+            sp = gpu_space(kernel, p)
+            assert sp.contains(sp.heuristic()), (kernel, p, sp.check(sp.heuristic()))
+
+
+def test_axes_follow_the_kernel_and_the_decay():
+    rec = gpu_space("recurrent_fwd")
+    assert set(rec.axes) == {"BV", "num_warps"}
+    assert all(c.chunk == rec.fixed["chunk"] for c in rec.grid())
+    # the chunk kernels keep all of K: BK is pinned, never searched
+    sp = gpu_space("chunk_fwd", MAMBA2)
+    assert "BK" not in sp.axes and all(c.BK is None for c in sp.grid())
+    assert set(sp.choices("strategy")) == {"fused", "two_pass"}
+    # axes given by the caller: an unsearched sub_chunk is pinned to a divisor of every chunk
+    sp = build_space("chunk_fwd", MAMBA2, limits=H100, interpret=False,
+                     axes={"chunk": (32, 64), "BV": (32, 64), "num_warps": (4,)})
+    assert "sub_chunk" not in sp.axes and len(sp.grid()) == 4
+    assert all(c.chunk % c.sub_chunk == 0 for c in sp.grid())
+    with pytest.raises(ValueError, match="unknown axes"):
+        build_space("chunk_fwd", GLA, axes={"tile": (1,)})
+    with pytest.raises(ValueError, match="unknown kernel"):
+        build_space("chunk_sideways", GLA)
+
+
+def test_space_hash_changes_with_the_space():
+    assert gpu_space().hash == gpu_space().hash
+    assert gpu_space().hash != gpu_space(p=MAMBA2).hash
+    assert gpu_space().hash != gpu_space(limits=DeviceLimits(smem_per_block=100 * 1024)).hash
+
+
+def test_invalid_samples_never_reach_the_runner(tmp_path):
+    # a space where most axis combinations are invalid: the sampler proposes them, they are skipped unbuilt
+    sp = gpu_space("chunk_fwd", GLA, limits=DeviceLimits(smem_per_block=64 * 1024))
+    obj = SyntheticObjective()
+    study = open_study("pruning", optuna.storages.InMemoryStorage(), seed=3)
+    rep = optimize(study, sp, obj, n_trials=15)
+    assert obj.calls, "nothing ran"
+    assert all(sp.is_valid(c) for c in obj.calls)
+    assert len(obj.calls) == len(set(obj.calls)) == 15
+    skipped = [t for t in study.trials if t.user_attrs.get("skipped") == "invalid"]
+    assert skipped, "the sampler never proposed an invalid combination; the test proves nothing"
+    assert rep.skipped >= len(skipped)
+    for t in skipped:
+        assert not sp.is_valid(sp.config(t.params))

@@ -1,0 +1,237 @@
+"""The study's mechanics on a synthetic objective: failures, wrong results, timeouts, resuming, sharing."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from mixforge.codegen.config import KernelConfig
+from mixforge.tuner import study as study_mod
+from mixforge.tuner.space import H100, Problem, build_space
+from mixforge.tuner.study import TrialTimeout, classify, compare, open_study, optimize, summarize
+from mixforge.tuner.testing import SyntheticObjective, cost_model, matches
+
+AXES = {"chunk": (32, 64), "sub_chunk": (16, 32), "BV": (32, 64), "num_warps": (4, 8),
+        "strategy": ("fused", "two_pass")}
+OPTIMUM = dict(chunk=64, sub_chunk=16, BV=64, num_warps=4, strategy="fused")
+
+
+def small_space():
+    return build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
+                       interpret=False, axes=AXES)
+
+
+def journal(tmp_path, name="j.log"):
+    return f"journal:{tmp_path / name}"
+
+
+def memory(tmp_path=None):
+    """The mechanics do not depend on the storage; persistence is tested with SQLite and journal files below."""
+    return optuna.storages.InMemoryStorage()
+
+
+def ran(study):
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+
+
+def test_failing_configs_are_recorded_and_never_chosen(tmp_path):
+    sp = small_space()
+    assert sp.contains(KernelConfig(**OPTIMUM))
+    fails = matches(chunk=64, sub_chunk=16, BV=64)  # the true optimum and its neighbours fail to build
+    obj = SyntheticObjective(fail=fails)
+    st = open_study("fail", memory(), seed=0)
+    rep = optimize(st, sp, obj, n_trials=10, grid=True)
+    failed = [t for t in st.trials if t.state == TrialState.FAIL]
+    assert failed and all(t.user_attrs["reason"] == "out_of_resources" for t in failed)
+    assert all("out of resource" in t.user_attrs["error"] for t in failed)
+    assert len(failed) == sum(fails(c) for c in sp.grid()) == rep.failed
+    assert not fails(rep.best_config)
+    assert rep.best_config == min((c for c in sp.grid() if not fails(c)), key=cost_model)
+    assert rep.best_ms == pytest.approx(cost_model(rep.best_config))
+
+
+def test_wrong_results_are_rejected_and_never_chosen(tmp_path):
+    sp = small_space()
+    wrong = matches(**OPTIMUM)  # the fastest config computes garbage (a miscompile)
+    obj = SyntheticObjective(wrong=wrong)
+    st = open_study("wrong", memory(), seed=0)
+    rep = optimize(st, sp, obj, n_trials=len(sp.grid()), grid=True)
+    rejected = [t for t in st.trials if t.user_attrs.get("rejected")]
+    assert len(rejected) == 1 == rep.rejected
+    t = rejected[0]
+    assert t.state == TrialState.FAIL and t.user_attrs["reason"] == "wrong_result"
+    assert t.user_attrs["rel_err"] > 1e-3 and "relative error" in t.user_attrs["error"]
+    assert sp.config(t.params) == KernelConfig(**OPTIMUM)
+    # it was timed, and it was the fastest, yet it does not win
+    assert t.user_attrs["time_ms"] < rep.best_ms
+    assert rep.best_config != KernelConfig(**OPTIMUM)
+    assert st.best_trial.state == TrialState.COMPLETE
+
+
+def test_compare_rejects_nan_and_mismatched_structure():
+    ref = (torch.ones(3), None)
+    assert compare((torch.ones(3), None), ref, 1e-6)[0]
+    ok, err, why = compare((torch.tensor([1.0, float("nan"), 1.0]), None), ref, 1.0)
+    assert not ok and "NaN" in why
+    assert not compare((torch.ones(3),), ref, 1.0)[0]
+    assert not compare((torch.ones(4), None), ref, 1.0)[0]
+    assert not compare((torch.ones(3), torch.ones(1)), ref, 1.0)[0]
+    ok, err, _ = compare((torch.ones(3) * 1.001, None), ref, 1e-2)
+    assert ok and err == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("exc, reason", [
+    (type("OutOfResources", (Exception,), {})("shared memory"), "out_of_resources"),
+    (type("CompilationError", (Exception,), {})("at 12:4"), "compile_error"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "cuda_error"),
+    (RuntimeError("CUDA out of memory. Tried to allocate"), "out_of_memory"),
+    (ValueError("anything else"), "error"),
+])
+def test_exceptions_are_classified(exc, reason):
+    assert classify(exc) == reason
+
+
+def test_a_trial_that_runs_too_long_fails_with_timeout(tmp_path):
+    sp = build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
+                     interpret=False, axes={"num_warps": (4, 8), "BV": (32, 64)})
+    obj = SyntheticObjective(sleep=lambda c: 30.0 if c.num_warps == 8 else 0.0)
+    st = open_study("slow", memory(), seed=0)
+    t0 = time.perf_counter()
+    rep = optimize(st, sp, obj, n_trials=4, grid=True, trial_timeout=0.3)
+    assert time.perf_counter() - t0 < 10
+    timed_out = [t for t in st.trials if t.user_attrs.get("reason") == "timeout"]
+    assert len(timed_out) == 2 and all(sp.config(t.params).num_warps == 8 for t in timed_out)
+    assert rep.best_config.num_warps == 4 and rep.complete == 2
+
+
+def test_no_config_runs_twice_and_the_baseline_runs_first(tmp_path):
+    sp = small_space()
+    obj = SyntheticObjective()
+    st = open_study("dups", memory(), seed=1)
+    base = KernelConfig(chunk=32, sub_chunk=16, BV=32, num_warps=8, strategy="two_pass")
+    rep = optimize(st, sp, obj, n_trials=20, baseline=base)
+    assert obj.calls[0] == base and rep.baseline_ms == pytest.approx(cost_model(base))
+    assert len(obj.calls) == len(set(obj.calls)) == 20 == rep.evaluated
+    # asking again for the same target runs nothing; a larger target continues
+    again = optimize(st, sp, obj, n_trials=20, baseline=base)
+    assert again.new_evaluated == 0 and again.stop_reason == "target reached"
+    optimize(st, sp, obj, n_trials=24, baseline=base)
+    assert len(obj.calls) == len(set(obj.calls)) == 24
+    # skipped samples were never run: duplicates say of which trial
+    for t in st.trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["skipped"] == "invalid" or t.user_attrs["skipped"].startswith("duplicate of trial")
+
+
+def test_grid_runs_every_valid_config_once(tmp_path):
+    sp = small_space()
+    obj = SyntheticObjective()
+    st = open_study("grid", memory(), seed=0)
+    rep = optimize(st, sp, obj, n_trials=1, grid=True)
+    assert sorted(map(repr, obj.calls)) == sorted(map(repr, sp.grid()))
+    assert rep.best_config == min(sp.grid(), key=cost_model)
+    assert optimize(st, sp, obj, n_trials=1, grid=True).new_evaluated == 0
+    assert len(obj.calls) == len(sp.grid())
+
+
+class Interrupt(SyntheticObjective):
+    def __init__(self, after):
+        super().__init__()
+        inner = self.run
+
+        def run(cfg, x):
+            if len(self.calls) == after:
+                self.calls.append(cfg)
+                raise KeyboardInterrupt
+            return inner(cfg, x)
+
+        self.run = run
+
+
+def test_an_interrupted_study_resumes_from_sqlite_without_repeating_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.sqlite3'}"
+    sp = small_space()
+    first = Interrupt(after=5)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(open_study("resume", url, seed=0), sp, first, n_trials=12)
+    interrupted = first.calls[-1]
+    done_before = first.calls[:-1]
+    # a "new process": a fresh storage object on the same file
+    study_mod._STORAGES.clear()
+    st = open_study("resume", url, seed=0)
+    states = [(t.state, t.user_attrs.get("reason")) for t in st.trials]
+    assert (TrialState.FAIL, "interrupted") in states
+    assert sum(s == TrialState.COMPLETE for s, _ in states) == 5
+    # a worker that died hard leaves a RUNNING trial behind: reaped as stale, not counted
+    dead = st.ask()
+    dead.suggest_categorical("chunk", sp.choices("chunk"))
+    dead.set_user_attr("worker", f"{os.uname().nodename}:999999")
+    second = SyntheticObjective()
+    rep = optimize(st, sp, second, n_trials=12)
+    assert rep.evaluated == 12
+    assert not set(done_before) & set(second.calls), "a completed trial ran again"
+    assert len(second.calls) == len(set(second.calls)) == 12 - 5
+    stale = [t for t in st.trials if t.user_attrs.get("reason") == "stale"]
+    assert len(stale) == 1 and stale[0].number == dead.number
+    completed = [sp.config(t.params) for t in st.trials if t.state == TrialState.COMPLETE]
+    assert len(completed) == len(set(completed)) == 12
+    assert interrupted in set(done_before) | set(second.calls) or True  # may or may not be retried
+
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    from mixforge.tuner.space import H100, Problem, build_space
+    from mixforge.tuner.study import open_study, optimize
+    from mixforge.tuner.testing import SyntheticObjective
+    url, seed, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sp = build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
+                     interpret=False, axes=json.loads(sys.argv[4]))
+    obj = SyntheticObjective(sleep=lambda c: 0.05)
+    st = open_study("shared", url, seed=seed)
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    optimize(st, sp, obj, n_trials=int(sys.argv[5]))
+    print(json.dumps([repr(c) for c in obj.calls]), flush=True)
+""")
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_processes_fill_one_study_without_running_a_trial_twice(tmp_path, kind):
+    url = journal(tmp_path) if kind == "journal" else f"sqlite:///{tmp_path / 's.sqlite3'}"
+    sp = small_space()
+    open_study("shared", url, seed=0)  # create the storage and the study once
+    n = 12 if kind == "journal" else 8
+    go = tmp_path / "go"
+    axes = {k: list(v) for k, v in AXES.items()}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(seed), str(go), json.dumps(axes), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for seed in (11, 12)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    go.touch()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    a, b = outs
+    assert a and b, "both workers must have run trials"
+    assert len(a) == len(set(a)) and len(b) == len(set(b))
+    assert not set(a) & set(b), "a config ran in both workers"
+    study_mod._STORAGES.clear()
+    st = open_study("shared", url, seed=0)
+    evaluated = ran(st)
+    assert len(evaluated) == len(a) + len(b)
+    assert n <= len(evaluated) <= n + 1  # two workers can both take the last slot
+    configs = [repr(sp.config(t.params)) for t in evaluated]
+    assert len(configs) == len(set(configs))
+    assert {t.user_attrs["worker"] for t in evaluated}.__len__() == 2
