@@ -1,0 +1,250 @@
+"""`mixforge tune` and `mixforge cache`: the tuner's commands (discovered by mixforge/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def register(subparsers) -> None:
+    t = subparsers.add_parser("tune", help="autotune a mixer's kernels for a shape (Optuna), cache the best configs",
+                              description="Tune the tile configs of a mixer's kernels for one or more shapes. "
+                                          "Results go into the config cache; a repeated identical tune is a cache hit.")
+    t.add_argument("spec", help="a zoo name, file.py:NAME or spec.json")
+    t.add_argument("--shape", action="append", required=True, metavar="B,T,H,K,V",
+                   help="batch, tokens, heads, key dim, value dim (repeat for several shapes)")
+    t.add_argument("--dtype", default="bf16", type=_dtype,
+                   help="fp32, fp16, bf16 (or float32, float16, bfloat16); default bf16")
+    t.add_argument("--trials", type=int, default=None,
+                   help="evaluated trials per kernel, the study's total (default 50)")
+    t.add_argument("--kernels", default=None,
+                   help="comma-separated: chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd, step "
+                        "(default chunk_fwd,chunk_bwd)")
+    t.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage: sqlite:///FILE, postgresql://..., mysql://..., journal:FILE "
+                        "(default: SQLite under the cache dir). Workers sharing a URL fill one study.")
+    t.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds for the whole tune")
+    t.add_argument("--trial-timeout", type=float, default=300.0, metavar="S", help="seconds per trial (default 300)")
+    t.add_argument("--seed", type=int, default=0, help="sampler seed (give each worker of a shared study its own)")
+    t.add_argument("--grid", action="store_true", help="run the whole pruned grid instead of TPE")
+    t.add_argument("--force", action="store_true", help="tune even when the cache has an entry")
+    t.set_defaults(func=cmd_tune)
+
+    c = subparsers.add_parser("cache", help="inspect, export, import or clear the tuned-config cache")
+    cs = c.add_subparsers(dest="cache_command", required=True)
+    cs.add_parser("path", help="print the cache file's path").set_defaults(func=cmd_cache_path)
+    ls = cs.add_parser("list", help="list the tuned configs")
+    ls.add_argument("--json", action="store_true", help="print a JSON list")
+    ls.add_argument("--shipped", action="store_true", help="list the shipped defaults instead")
+    ls.set_defaults(func=cmd_cache_list)
+    sh = cs.add_parser("show", help="print one entry (full key, or a unique prefix or part of it)")
+    sh.add_argument("key")
+    sh.set_defaults(func=cmd_cache_show)
+    ex = cs.add_parser("export", help="write the cache to FILE")
+    ex.add_argument("file")
+    ex.set_defaults(func=cmd_cache_export)
+    im = cs.add_parser("import", help="merge FILE into the cache (validated; foreign or corrupt files rejected)")
+    im.add_argument("file")
+    im.set_defaults(func=cmd_cache_import)
+    cl = cs.add_parser("clear", help="delete the tuned configs")
+    cl.add_argument("--studies", action="store_true", help="also delete the default Optuna study database")
+    cl.set_defaults(func=cmd_cache_clear)
+
+
+def _dtype(text: str) -> str:
+    from mixforge.tuner.keys import dtype_name
+
+    try:
+        return dtype_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=160 if not sys.stdout.isatty() else None)
+
+
+def config_text(cfg) -> str:
+    if cfg is None:
+        return "-"
+    parts = [f"C{cfg.chunk}"]
+    parts.append(f"c{cfg.sub_chunk}")
+    if cfg.BK is not None:
+        parts.append(f"BK{cfg.BK}")
+    parts += [f"BV{cfg.BV}", f"w{cfg.num_warps}", f"s{cfg.num_stages}", cfg.strategy]
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- tune
+
+def cmd_tune(args) -> int:
+    from mixforge.spec import load_mixer
+    from mixforge.tuner import api
+    from mixforge.tuner.runner import Shape
+
+    mixer = load_mixer(args.spec)
+    try:
+        shapes = [Shape.parse(s) for s in args.shape]
+    except ValueError as e:
+        print(f"mixforge: error: --shape {e}", file=sys.stderr)
+        return 2
+    kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
+    trials = args.trials if args.trials is not None else api.DEFAULT_TRIALS
+    console = _console()
+    tasks: dict = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[best]}"), console=console, transient=False) as progress:
+        def on_event(e: dict) -> None:
+            kind = e["kind"]
+            if kind == "start":
+                tasks[e["kernel"]] = progress.add_task(f"{mixer.name} {e['kernel']} {e['shape']}",
+                                                       total=e["n_trials"], best="")
+            elif kind == "trial" and e["kernel"] in tasks:
+                tid = tasks[e["kernel"]]
+                progress.advance(tid)
+                if e.get("state") == "COMPLETE":
+                    best = progress.tasks[tid].fields.get("best_ms")
+                    if best is None or e["time_ms"] < best:
+                        progress.update(tid, best_ms=e["time_ms"], best=f"best {e['time_ms']:.4g} ms")
+            elif kind == "stop":
+                tid = tasks.get(e.get("kernel"))
+                if tid is not None:
+                    progress.update(tid, total=progress.tasks[tid].completed)
+
+        report = api.tune(mixer, shapes, args.dtype, kernels=kernels, trials=trials, storage=args.storage,
+                          timeout=args.timeout, trial_timeout=args.trial_timeout, seed=args.seed, force=args.force,
+                          grid=args.grid, callback=on_event)
+    table = Table(title=f"{mixer.name} ({mixer.content_hash}), {report.dtype}")
+    for col in ("kernel", "shape", "best config", "time ms", "speedup vs default", "trials run", "failed",
+                "rejected", "note"):
+        table.add_column(col, justify="right" if col in ("time ms", "speedup vs default", "trials run", "failed",
+                                                         "rejected") else "left")
+    for r in report:
+        sp = f"{r.speedup:.2f}x" if r.speedup else "-"
+        note = "cache hit" if r.cache_hit else (r.stop_reason or "")
+        if not r.cache_hit and r.study_trials != r.trials_run:
+            note += f"; study holds {r.study_trials}"
+        table.add_row(r.kernel, str(r.shape), config_text(r.config), f"{r.time_ms:.4g}" if r.time_ms else "-", sp,
+                      str(r.trials_run), str(r.trials_failed), str(r.trials_rejected), note)
+    console.print(table)
+    if report.cache_hit:
+        console.print("cache hit: every kernel already tuned for this key; 0 trials run (use --force to retune)")
+    else:
+        console.print(f"{report.trials_run} trials run; configs cached in {_cache().path}")
+    missing = [r.kernel for r in report if r.config is None]
+    if missing:
+        console.print(f"no working config found for {', '.join(missing)}: every trial failed or was rejected")
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- cache
+
+def _cache():
+    from mixforge.tuner.cache import ConfigCache
+
+    return ConfigCache()
+
+
+def _rows(entries: dict) -> list[dict]:
+    from mixforge.tuner.keys import DeviceId
+
+    rows = []
+    for name, e in sorted(entries.items()):
+        k = e["key"]
+        rows.append({"key": name, "mixer": e.get("mixer_name") or k["mixer"], "mixer_hash": k["mixer"],
+                     "kernel": k["kernel"], "device": f"{k['device']} ({DeviceId(k['device'], k['cc']).arch})", "triton": k["triton"],
+                     "dtype": k["dtype"],
+                     "bucket": {"K": k["K"], "V": k["V"], "T_bucket": k["T_bucket"], "BH_bucket": k["BH_bucket"]},
+                     "config": e["config"], "time": e["time_ms"], "baseline_ms": e.get("baseline_ms"),
+                     "trials": e.get("trials", {})})
+    return rows
+
+
+def cmd_cache_path(args) -> int:
+    print(_cache().path)
+    return 0
+
+
+def cmd_cache_list(args) -> int:
+    from mixforge.codegen.config import KernelConfig
+    from mixforge.tuner.lookup import shipped_caches
+
+    entries = {}
+    if args.shipped:
+        for c in shipped_caches():
+            entries.update(c.entries())
+    else:
+        entries = _cache().entries()
+    rows = _rows(entries)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    console = _console()
+    if not rows:
+        console.print(f"no tuned configs in {_cache().path if not args.shipped else 'the shipped defaults'}")
+        return 0
+    table = Table(title=f"{len(rows)} tuned configs")
+    for col in ("mixer", "kernel", "device", "dtype", "bucket", "config", "time ms", "key"):
+        table.add_column(col)
+    for r in rows:
+        b = r["bucket"]
+        table.add_row(r["mixer"], r["kernel"], r["device"], r["dtype"],
+                      f"K{b['K']} V{b['V']} T<={b['T_bucket']} BH<={b['BH_bucket']}",
+                      config_text(KernelConfig.from_dict(r["config"])), f"{r['time']:.4g}", r["key"])
+    console.print(table)
+    return 0
+
+
+def cmd_cache_show(args) -> int:
+    from mixforge.tuner.cache import find
+
+    entries = _cache().entries()
+    names = find(entries, args.key)
+    if not names:
+        print(f"mixforge: no cache entry matches {args.key!r} (see `mixforge cache list`)", file=sys.stderr)
+        return 1
+    if len(names) > 1:
+        print(f"mixforge: {len(names)} entries match {args.key!r}; be more specific:", file=sys.stderr)
+        for n in names[:20]:
+            print(f"  {n}", file=sys.stderr)
+        return 1
+    print(json.dumps({names[0]: entries[names[0]]}, indent=1))
+    return 0
+
+
+def cmd_cache_export(args) -> int:
+    n = _cache().export(args.file)
+    print(f"exported {n} entries to {args.file}")
+    return 0
+
+
+def cmd_cache_import(args) -> int:
+    from mixforge.tuner.cache import CacheFormatError
+
+    try:
+        what = _cache().import_file(args.file)
+    except CacheFormatError as e:
+        print(f"mixforge: import rejected: {e}", file=sys.stderr)
+        return 1
+    counts = {s: sum(v == s for v in what.values()) for s in ("added", "replaced", "unchanged")}
+    print(f"imported {len(what)} entries from {args.file}: "
+          f"{counts['added']} added, {counts['replaced']} replaced, {counts['unchanged']} unchanged")
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    from mixforge.tuner.keys import tuner_dir
+
+    n = _cache().clear()
+    print(f"removed {n} tuned configs from {_cache().path}")
+    if args.studies:
+        db = tuner_dir() / "studies.sqlite3"
+        if db.exists():
+            db.unlink()
+            print(f"removed the study database {db}")
+    return 0
