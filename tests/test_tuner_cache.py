@@ -204,3 +204,16 @@ def test_shipped_defaults_are_valid_cache_files():
         text = c.path.read_text()
         entries, problems = cache_mod.parse_document(text, str(c.path))
         assert problems == []
+
+
+def test_lookup_skips_configs_the_kernels_would_reject(tmp_path, monkeypatch):
+    import mixforge.tuner.lookup as lk
+
+    monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
+        T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh))
+    user, shipped = ConfigCache(tmp_path / "user.json"), ConfigCache(tmp_path / "shipped.json")
+    user.put(key(), KernelConfig(chunk=32, sub_chunk=64), 1.0)   # hand-edited: 32 is not a multiple of 64
+    put(shipped, key(), chunk=64)
+    look = TunedLookup(user=user, shipped=[shipped], autotune=False)
+    r = look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128))
+    assert r.source == "shipped" and r.config.chunk == 64

@@ -3,7 +3,7 @@
 A tuned config is only trusted where it was measured. The key holds
 
 * the GPU (name and compute capability) and the Triton version,
-* the source it was measured with: a hash of the kernel templates,
+* the source it was measured with: a hash of the kernel family's templates,
 * the mixer's content hash and the kernel ("chunk_fwd", ...),
 * dtype, K and V exactly,
 * T and B*H in coarse buckets (powers of 4), so dynamic shapes never retune.
@@ -107,38 +107,48 @@ def triton_version() -> str:
     return triton.__version__
 
 
-@functools.lru_cache(maxsize=1)
-def source_hash() -> str:
-    """Hash of the kernel sources that tuned configs depend on.
+#: the templates each kernel family is rendered from (its tuned configs depend on these only)
+FAMILY_TEMPLATES = {
+    "chunk": ("chunk.py.jinja", "chunk_macros.jinja", "_maps.jinja"),
+    "recurrent": ("recurrent.py.jinja", "_recurrent.jinja", "step.py.jinja", "_maps.jinja"),
+}
 
-    The codegen layer may expose its own `TEMPLATES_HASH` (or `templates_hash()`);
-    otherwise this hashes the contents of templates/*.jinja, in name order.
+
+def family(kernel: Optional[str]) -> Optional[str]:
+    if kernel is None:
+        return None
+    return "chunk" if kernel.startswith("chunk") else "recurrent"
+
+
+@functools.lru_cache(maxsize=8)
+def source_hash(kernel: Optional[str] = None) -> str:
+    """Hash of the kernel sources a tuned config depends on.
+
+    The templates of the kernel's family (chunk: chunk.py.jinja, chunk_macros.jinja,
+    _maps.jinja; recurrent and step: recurrent.py.jinja, _recurrent.jinja,
+    step.py.jinja, _maps.jinja), so editing one family's templates does not
+    orphan the other's configs. Without a kernel: every templates/*.jinja.
     """
-    try:
-        from mixforge.codegen import render  # noqa: F401  (optional)
-        h = getattr(render, "TEMPLATES_HASH", None) or getattr(render, "templates_hash", None)
-        if callable(h):
-            h = h()
-        if isinstance(h, str) and h:
-            return h[:12]
-    except Exception:
-        pass
-    return templates_hash()
+    fam = family(kernel)
+    return templates_hash(FAMILY_TEMPLATES[fam] if fam else None)
 
 
-def templates_hash() -> str:
+def templates_hash(names=None) -> str:
     d = hashlib.sha256()
-    for path in sorted(templates_dir().glob("*.jinja")):
-        d.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    folder = templates_dir()
+    paths = sorted(folder.glob("*.jinja")) if names is None else [folder / n for n in sorted(names)]
+    for path in paths:
+        data = path.read_bytes() if path.exists() else b"<missing>"
+        d.update(path.name.encode() + b"\0" + data + b"\0")
     return d.hexdigest()[:12]
 
 
 def templates_dir() -> Path:
     try:
-        import importlib.resources as res
+        from mixforge.codegen.render import templates_dir as codegen_templates
 
-        return Path(str(res.files("mixforge.templates")))
-    except Exception:  # the package may not be importable as such in odd installs
+        return codegen_templates()
+    except Exception:  # codegen without a renderer: the installed package data
         return Path(__file__).resolve().parent.parent / "templates"
 
 
@@ -206,6 +216,7 @@ class TuneKey:
 def make_key(mixer_hash: str, kernel: str, dtype, B: int, T: int, H: int, K: int, V: int, *,
              device: Optional[DeviceId] = None, triton: Optional[str] = None, source: Optional[str] = None) -> TuneKey:
     dev = device or current_device()
-    return TuneKey(device=dev.name, cc=dev.cc, triton=triton or triton_version(), source=source or source_hash(),
+    return TuneKey(device=dev.name, cc=dev.cc, triton=triton or triton_version(), source=source or source_hash(kernel),
                    mixer=mixer_hash, kernel=kernel, dtype=dtype_name(dtype), K=int(K), V=int(V),
                    T_bucket=bucket(T), BH_bucket=bucket(int(B) * int(H)))
+

@@ -65,11 +65,11 @@ def _distance(want: TuneKey, have: TuneKey) -> tuple:
             abs(lg(want.BH_bucket) - lg(have.BH_bucket)))
 
 
-def _nearest(cache: ConfigCache, key: TuneKey) -> Optional[tuple[TuneKey, dict]]:
+def _nearest(cache: ConfigCache, key: TuneKey, usable=lambda e: True) -> Optional[tuple[TuneKey, dict]]:
     best = None
     for entry in cache.entries().values():
         k = TuneKey.from_dict(entry["key"])
-        if k.hard() == key.hard():
+        if k.hard() == key.hard() and usable(entry):
             d = _distance(key, k)
             if best is None or d < best[0]:
                 best = (d, k, entry)
@@ -122,8 +122,9 @@ class TunedLookup:
         return res
 
     def _resolve(self, mixer, sk: ShapeKey, key: TuneKey) -> Resolution:
+        ok = lambda e: self._usable(mixer, sk, e)  # noqa: E731
         entry = self.user.get(key)
-        if entry is not None:
+        if entry is not None and ok(entry):
             return Resolution(KernelConfig.from_dict(entry["config"]), "user", key, entry)
         if self._should_autotune(mixer):
             res = self._autotune_one(mixer, sk, key)
@@ -131,14 +132,32 @@ class TunedLookup:
                 return res
         for cache in self.shipped:
             entry = cache.get(key)
-            if entry is not None:
+            if entry is not None and ok(entry):
                 return Resolution(KernelConfig.from_dict(entry["config"]), "shipped", key, entry)
         for source, caches in (("user-nearest", [self.user]), ("shipped-nearest", self.shipped)):
-            found = [n for c in caches if (n := _nearest(c, key)) is not None]
+            found = [n for c in caches if (n := _nearest(c, key, ok)) is not None]
             if found:
                 k, entry = min(found, key=lambda ke: _distance(key, ke[0]))
                 return Resolution(KernelConfig.from_dict(entry["config"]), source, k, entry)
         return Resolution(None, "heuristic", key)
+
+    def _usable(self, mixer, sk: ShapeKey, entry: dict) -> bool:
+        """A cached config must still be one the kernels accept (hand-edited or stale files are skipped)."""
+        from .keys import interpret_mode
+        from .space import INTERPRETER, H100, Problem, build_space
+
+        try:
+            cfg = KernelConfig.from_dict(entry["config"])
+            if isinstance(mixer, str) or not hasattr(mixer, "decay_kind"):
+                problem = Problem(K=sk.K, V=sk.V, dtype=sk.dtype)
+            else:
+                problem = Problem.of(mixer, sk.K, sk.V, sk.dtype)
+            interp = interpret_mode()
+            space = build_space(sk.kernel, problem, limits=INTERPRETER if interp else H100, interpret=interp,
+                                axes={})
+            return not space.check(cfg, estimate=False)
+        except Exception:
+            return False
 
     def _should_autotune(self, mixer) -> bool:
         on = autotune_enabled() if self._autotune is None else self._autotune

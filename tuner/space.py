@@ -219,8 +219,12 @@ class SearchSpace:
     limits: DeviceLimits
 
     # ---- constraints
-    def check(self, cfg: KernelConfig) -> list[str]:
-        """Why `cfg` is invalid for this kernel and problem; empty when it is valid."""
+    def check(self, cfg: KernelConfig, estimate: bool = True) -> list[str]:
+        """Why `cfg` is invalid for this kernel and problem; empty when it is valid.
+
+        estimate=False: only the hard rules (what the kernels accept), not the resource
+        estimate; the runtime lookup uses that for configs that were measured to work.
+        """
         why = []
         p, L = self.problem, self.limits
         Kp, Vp = next_pow2(p.K), next_pow2(p.V)
@@ -254,6 +258,8 @@ class SearchSpace:
                     _codegen_check(cfg, p.K, p.V, gpu=L.min_dot >= 16)
                 except ValueError as e:
                     why.append(f"codegen rejects it: {e}")
+        if not estimate or why:
+            return why
         res = estimate_resources(self.kernel, cfg, p)
         if res.smem_bytes > L.smem_per_block:
             why.append(f"shared memory {res.smem_bytes / 1024:.0f} KB > {L.smem_per_block / 1024:.0f} KB")
