@@ -12,8 +12,27 @@ from mixforge.plotting import plot_attention_map  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def tune(mixer, shapes, dtype="bf16", **kwargs):
+    """Autotune `mixer`'s kernels for `shapes` ((B, T, H, K, V) or a list) and cache the best configs.
+
+    See `mixforge.tuner.tune` for the options (kernels, trials, storage, timeout, force, grid).
+    """
+    from mixforge.tuner import tune as _tune
+
+    return _tune(mixer, shapes, dtype, **kwargs)
+
+
+def _config_lookup(mixer, shape_key):
+    """The ConfigLookup the front door hands to compiled ops: tuned cache, shipped defaults, else None."""
+    from mixforge.tuner.lookup import config_lookup
+
+    return config_lookup(mixer, shape_key)
+
+
 __all__ = [
     "Bonus", "CallError", "Input", "Mixer", "Param", "SpecError", "attention_map", "functions", "h",
     "load_mixer", "reference", "s", "t", "value", "zoo",
     "MixerLayer", "MixerState", "plot_attention_map",
+    "tune",
 ]
