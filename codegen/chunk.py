@@ -121,10 +121,11 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     BK = max(16, next_pow2(c.K))
     BV = max(16, min(config.BV, next_pow2(c.V))) if c.device.type == "cuda" else min(config.BV, next_pow2(c.V))
     NV = -(-c.V // BV)
+    shift = 0 if c.inclusive else 1   # exclusive mixers walk T + 1 positions (k, v, fa one token later)
     if c.cu_seqlens is None:
-        NC_total, coff, cseq = c.B * (-(-c.T // BT)), None, None
+        NC_total, coff, cseq = c.B * (-(-(c.T + shift) // BT)), None, None
     else:
-        lens = (c.cu_seqlens[1:] - c.cu_seqlens[:-1]).long()
+        lens = (c.cu_seqlens[1:] - c.cu_seqlens[:-1]).long() + shift
         nc = (lens + BT - 1) // BT
         coff = torch.zeros(c.N + 1, dtype=torch.int32, device=c.device)
         coff[1:] = torch.cumsum(nc, 0).to(torch.int32)
@@ -155,23 +156,28 @@ def _seq_args(c: ChunkCall, g: _Geom) -> list:
             g.cseq if g.cseq is not None else d]
 
 
-def _states(c: ChunkCall, g: _Geom, store_final: bool):
-    """S^(c) (and z^(c)) of every chunk, and the final state."""
+def _states(c: ChunkCall, g: _Geom, store_final: bool, store_final_x: bool = False):
+    """S^(c) (and z^(c)) of every chunk, the final state, and (store_final_x) the final state without the
+    last token's own k v^T, which the decay gradient's final-state term uses."""
     H, K, V, N = c.H, c.K, c.V, c.N
     dev, d = c.device, _dummy(c)
     Sbuf = torch.empty(max(g.NC_total, 1), H, K, V, dtype=torch.float32, device=dev)
     zbuf = torch.empty(max(g.NC_total, 1), H, K, dtype=torch.float32, device=dev) if c.normalize else d
     ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if store_final else d
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
+    STx = torch.zeros(N, H, K, V, dtype=torch.float32, device=dev) if store_final_x else d
+    zTx = torch.zeros(N, H, K, dtype=torch.float32, device=dev) if (store_final_x and c.normalize) else d
     c.module.chunk_states_kernel[(g.NV, N * H)](
         *c.map_args,
-        c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf,
+        c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, STx, zTx, Sbuf, zbuf,
         *_seq_args(c, g),
         c.T, c.scale,
         H=H, K=K, V=V, BT=g.BT, BC=g.BC, BK=g.BK, BV=g.BV,
-        USE_S0=c.S0 is not None, STORE_ST=store_final, VARLEN=c.cu_seqlens is not None,
-        DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)),
+        USE_S0=c.S0 is not None, STORE_ST=store_final, STORE_STX=store_final_x,
+        VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)),
     )
+    if store_final_x:
+        return Sbuf, zbuf, STx, zTx
     return Sbuf, zbuf, ST, zT
 
 
@@ -240,9 +246,10 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         if c.normalize:
             dz_T = (dz_T if dz_T is not None else torch.zeros(N, H, K, device=dev)).contiguous().float()
     has_decay = c.decay != "none"
-    # states S^(c), and the final state when the decay gradient needs rowsum(dS_T * S_T)
+    # states S^(c), and the final state when the decay gradient needs rowsum(dS_T * S_T); the kernels leave
+    # the last token's k v^T out of both sides of that term (it cancels exactly), see chunk_bwd_kernel
     need_final = use_dst and has_decay
-    Sbuf, zbuf, ST, zT = _states(c, g, store_final=need_final)
+    Sbuf, zbuf, STx, zTx = _states(c, g, store_final=False, store_final_x=need_final)
 
     den = dden = d
     if c.normalize:
@@ -255,11 +262,16 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         del scratch, on
 
     dq = torch.empty(g.NV, B, T, H, K, dtype=torch.float32, device=dev)
-    dk = torch.empty(g.NV, B, T, H, K, dtype=torch.float32, device=dev)
-    dv = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
     lshape = (g.NV, B, T, H, K) if c.decay == "key" else (g.NV, B, T, H)
-    dL = torch.empty(lshape, dtype=torch.float32, device=dev) if has_decay else d
-    dLq = torch.empty(lshape, dtype=torch.float32, device=dev) if (has_decay and not c.inclusive) else d
+    # exclusive: dL, dk, dv of the shifted k side land on the key's own token; rows no program writes are 0
+    alloc = torch.empty if c.inclusive else torch.zeros
+    dk = alloc(g.NV, B, T, H, K, dtype=torch.float32, device=dev)
+    dv = alloc(B, T, H, V, dtype=torch.float32, device=dev)
+    dL = alloc(lshape, dtype=torch.float32, device=dev) if has_decay else d
+    # exclusive with a bonus: the bonus's dk, dv stay on the q row's token, in their own buffers
+    two = c.bonus and not c.inclusive
+    dk2 = torch.empty(g.NV, B, T, H, K, dtype=torch.float32, device=dev) if two else d
+    dv2 = torch.empty(B, T, H, V, dtype=torch.float32, device=dev) if two else d
     dS0 = torch.empty(N, H, K, V, dtype=torch.float32, device=dev)
     dz0 = torch.empty(N, H, K, dtype=torch.float32, device=dev) if c.normalize else d
     fused = config.strategy == "fused"
@@ -284,7 +296,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             *c.map_args,
             do, den, dden, Sbuf, zbuf, dSbuf, dzbuf,
             dS_T if use_dst else d, dz_T if (use_dst and c.normalize) else d, dS0, dz0,
-            dq, dk, dv, dL, dLq, dw,
+            dq, dk, dv, dL, dk2, dv2, dw,
             *_seq_args(c, g),
             c.T, c.scale, NTOK,
             H=H, K=K, V=V, BT=g.BT, BC=g.BC, BK=g.BK, BV=g.BV,
@@ -297,13 +309,16 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             dz0.copy_(dz_T if use_dst else torch.zeros_like(dz0))
     dfq = dq[0] if g.NV == 1 else dq.sum(0)
     dfk = dk[0] if g.NV == 1 else dk.sum(0)
+    if two:
+        dfk = dfk + (dk2[0] if g.NV == 1 else dk2.sum(0))
+        dv = dv + dv2
 
     dfa = None
     if has_decay:
         if need_final:
-            fin = (dS_T * ST).sum(-1)                       # [N, H, K]
+            fin = (dS_T * STx).sum(-1)                      # [N, H, K]
             if c.normalize:
-                fin = fin + dz_T * zT
+                fin = fin + dz_T * zTx
         else:
             fin = torch.zeros(N, H, K, device=dev)
         if c.decay != "key":
@@ -312,7 +327,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         dfa = torch.empty(lshape[1:], dtype=torch.float32, device=dev)
         if N * H > 0 and NTOK > 0:
             c.module.chunk_dfa_kernel[(N * H,)](
-                dL, dLq, fin, dfa, c.cu_seqlens if c.cu_seqlens is not None else d,
+                dL, fin, dfa, c.cu_seqlens if c.cu_seqlens is not None else d,
                 c.T, NTOK, g.NV,
                 H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None,
             )

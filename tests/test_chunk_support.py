@@ -99,6 +99,8 @@ def features_of(mixer, B=2, T=40, H=2, K=8, V=12, seed=0, decay="normal", cu_seq
     feats = dict(fq=m.q.contiguous(), fk=m.k.contiguous(), fv=m.v.contiguous(),
                  fa=compact_decay(mixer.decay_kind, m.gamma),
                  w=m.w[0, 0].contiguous() if m.w is not None else None)
+    # the kernels see fp32 features: the reference gets the same values (in float64)
+    feats = {n: (f.float().double() if f is not None else None) for n, f in feats.items()}
     return feats, m.scale
 
 
