@@ -1,0 +1,166 @@
+"""Correctness of the generated kernels on a GPU, at realistic shapes, in every dtype.
+
+    python -m benchmarks.gpu_check [--out DIR] [--quick]
+
+Forward values are checked against the float64 recurrence at full size
+(B = 4, T = 4096, H = 16, K = V = 128; and K = V = 64, 256 at T = 2048).
+Gradients are checked against float64 autograd through the recurrence at a
+size where autograd's saved states fit (B = 1, T = 1024, H = 2), plus
+varlen with an empty sequence, strong decays and K != V. The relative error
+is ||out - ref|| / ||ref|| over all elements; NaN fails. Writes a JSON with
+device, versions, date and the worst error per dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import mixforge as mf
+from mixforge.spec.reference import recurrence
+from mixforge.spec.testing import random_inputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ALGORITHMS.md §5: fp32 well under 1e-4 (IEEE) or near 1e-3 (tf32); bf16/fp16 a few 1e-3
+TOL = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 2e-2}
+# systems whose heads are single channels: their natural K and V
+ONE_VALUE_PER_HEAD = {"mamba": dict(K=16, V=1), "griffin": dict(K=1, V=1), "rwkv4": dict(K=1, V=1)}
+
+
+def rel(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _state_list(st):
+    if st is None:
+        return []
+    return list(st) if isinstance(st, (tuple, list)) else [st]
+
+
+def check_forward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", varlen=False, seed=0):
+    G = 2 if any(o.grouped for o in mixer.inputs) else 1
+    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay)
+    kw = {}
+    if varlen:
+        cu = torch.tensor([0, T // 3, T // 3, T - 7, T], device="cuda", dtype=torch.int32)
+        kw["cu_seqlens"] = cu
+    with torch.no_grad():
+        y, st = getattr(ops, path)(output_final_state=True, **kw, **x)
+        ref = recurrence(mixer, output_final_state=True, **kw, **{n: t.double() for n, t in x.items()})
+    errs = {"y": rel(y, ref.y)}
+    for i, (a, b) in enumerate(zip(_state_list(st), _state_list(ref.final_state))):
+        errs[f"state{i}"] = rel(a, b)
+    return errs
+
+
+def check_backward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", seed=1):
+    G = 2 if any(o.grouped for o in mixer.inputs) else 1
+    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay)
+    x = {n: t.requires_grad_(True) for n, t in x.items()}
+    S0 = torch.randn(B, H, K, V, device="cuda") * 0.1
+    if mixer.normalize:
+        S0 = (S0.abs(), torch.rand(B, H, K, device="cuda"))
+        init = tuple(s.requires_grad_(True) for s in S0)
+    else:
+        init = S0.requires_grad_(True)
+    y, st = getattr(ops, path)(initial_state=init, output_final_state=True, **x)
+    dy = torch.randn_like(y)
+    dst = [torch.randn_like(s) for s in _state_list(st)]
+    loss = (y.float() * dy.float()).sum() + sum((s * d).sum() for s, d in zip(_state_list(st), dst))
+    leaves = list(x.values()) + _state_list(init)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    init64 = tuple(s.detach().double().requires_grad_(True) for s in _state_list(init))
+    ref = recurrence(mixer, initial_state=init64 if mixer.normalize else init64[0], output_final_state=True, **x64)
+    loss64 = (ref.y * dy.double()).sum() + sum((s * d.double()).sum() for s, d in
+                                                zip(_state_list(ref.final_state), dst))
+    leaves64 = list(x64.values()) + list(init64)
+    grads64 = torch.autograd.grad(loss64, leaves64, allow_unused=True)
+    names = list(x) + [f"initial_state{i}" for i in range(len(init64))]
+    errs = {}
+    for n, g, r in zip(names, grads, grads64):
+        if r is None:
+            continue
+        errs["d" + n] = float("nan") if g is None else rel(g, r)
+    return errs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--mixers", default="gla,mamba2,rwkv6,hgrn2,metala,retnet,linear_attention,mamba,griffin,rwkv4,transnormer")
+    args = ap.parse_args(argv)
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    info = {"device": f"{p.name} (sm_{p.major}{p.minor})", "torch": torch.__version__, "triton": triton.__version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "tolerance": TOL}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path_json = out / f"gpu_check-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    rows = []
+
+    def save():
+        worst = {}
+        for r in rows:
+            for k, v in r.get("errors", {}).items():
+                key = r["dtype"]
+                worst[key] = max(worst.get(key, 0.0), v if v == v else float("inf"))
+        path_json.write_text(json.dumps({**info, "worst_rel_err": worst, "rows": rows}, indent=1))
+
+    fwd_shapes = [(4, 4096, 16, 128, 128), (4, 2048, 16, 64, 64), (2, 2048, 16, 256, 256)]
+    if args.quick:
+        fwd_shapes = [(2, 1024, 8, 128, 128)]
+    for name in args.mixers.split(","):
+        mixer = mf.zoo.ALL[name]
+        ops = mf.compile(mixer)
+        for dname, dtype in DTYPES.items():
+            jobs = [("fwd", "chunk", dict(B=B, T=T, H=H, K=K, V=V)) for (B, T, H, K, V) in fwd_shapes]
+            jobs += [("fwd", "recurrent", dict(B=2, T=1024, H=8, K=64, V=64)),
+                     ("fwd-varlen-strong", "chunk", dict(B=1, T=3000, H=4, K=96, V=160)),
+                     ("bwd", "chunk", dict(B=1, T=1024, H=2, K=128, V=96)),
+                     ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=64, V=64)),
+                     ("bwd", "recurrent", dict(B=1, T=512, H=2, K=64, V=64))]
+            for kind, path, shp in jobs:
+                shp = dict(shp, **ONE_VALUE_PER_HEAD.get(name, {}))
+                t0 = time.time()
+                row = dict(mixer=name, dtype=dname, check=kind, path=path, **shp)
+                try:
+                    if kind.startswith("fwd"):
+                        row["errors"] = check_forward(mixer, ops, path, dtype=dtype, varlen="varlen" in kind,
+                                                      decay="strong" if "strong" in kind else "normal", **shp)
+                    else:
+                        row["errors"] = check_backward(mixer, ops, path, dtype=dtype,
+                                                       decay="strong" if "strong" in kind else "normal", **shp)
+                    worst = max(row["errors"].values(), key=lambda e: e if e == e else float("inf"))
+                    row["worst"] = worst
+                    row["ok"] = bool(worst == worst and worst < TOL[dname])
+                except Exception:
+                    row["error"] = traceback.format_exc()[-1500:]
+                    row["ok"] = False
+                row["seconds"] = round(time.time() - t0, 2)
+                rows.append(row)
+                status = "ok " if row["ok"] else "BAD"
+                print(f"{status} {name:16s} {dname} {kind:18s} {path:9s} {shp} worst={row.get('worst', 'error')}",
+                      flush=True)
+                save()
+                torch.cuda.empty_cache()
+    save()
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(bad)}/{len(rows)} checks within tolerance; wrote {path_json}")
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
