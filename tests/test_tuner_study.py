@@ -190,48 +190,56 @@ WORKER = textwrap.dedent("""
     from mixforge.tuner.space import H100, Problem, build_space
     from mixforge.tuner.study import open_study, optimize
     from mixforge.tuner.testing import SyntheticObjective
-    url, seed, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    urls, seed, go, axes, n = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), \
+        int(sys.argv[5])
     sp = build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
-                     interpret=False, axes=json.loads(sys.argv[4]))
-    obj = SyntheticObjective(sleep=lambda c: 0.05)
-    st = open_study("shared", url, seed=seed)
-    print("ready", flush=True)
-    while not os.path.exists(go):
-        time.sleep(0.01)
-    optimize(st, sp, obj, n_trials=int(sys.argv[5]))
-    print(json.dumps([repr(c) for c in obj.calls]), flush=True)
+                     interpret=False, axes=axes)
+    runs = []
+    for i, url in enumerate(urls):
+        obj = SyntheticObjective(sleep=lambda c: 0.05)
+        st = open_study("shared", url, seed=seed)
+        print("ready", flush=True)
+        while not os.path.exists(f"{go}{i}"):  # both workers start together
+            time.sleep(0.01)
+        optimize(st, sp, obj, n_trials=n)
+        runs.append([repr(c) for c in obj.calls])
+    print(json.dumps(runs), flush=True)
 """)
 
 
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_two_processes_fill_one_study_without_running_a_trial_twice(tmp_path, kind):
-    url = journal(tmp_path) if kind == "journal" else f"sqlite:///{tmp_path / 's.sqlite3'}"
+def test_two_processes_fill_one_study_without_running_a_trial_twice(tmp_path):
+    """Two worker processes share a study, in a journal file and in SQLite (the default storage)."""
+    urls = [journal(tmp_path), f"sqlite:///{tmp_path / 's.sqlite3'}"]
     sp = small_space()
-    open_study("shared", url, seed=0)  # create the storage and the study once
-    n = 12 if kind == "journal" else 8
+    for url in urls:
+        open_study("shared", url, seed=0)  # create the storage and the study once
+    n = 10
     go = tmp_path / "go"
     axes = {k: list(v) for k, v in AXES.items()}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(seed), str(go), json.dumps(axes), str(n)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(urls), str(seed), str(go), json.dumps(axes),
+                               str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for seed in (11, 12)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()
-    go.touch()
+    for i, url in enumerate(urls):
+        for p in procs:
+            line = p.stdout.readline().strip()
+            assert line == "ready", line + p.stderr.read()
+        (tmp_path / f"go{i}").touch()
     outs = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    a, b = outs
-    assert a and b, "both workers must have run trials"
-    assert len(a) == len(set(a)) and len(b) == len(set(b))
-    assert not set(a) & set(b), "a config ran in both workers"
     study_mod._STORAGES.clear()
-    st = open_study("shared", url, seed=0)
-    evaluated = ran(st)
-    assert len(evaluated) == len(a) + len(b)
-    assert n <= len(evaluated) <= n + 1  # two workers can both take the last slot
-    configs = [repr(sp.config(t.params)) for t in evaluated]
-    assert len(configs) == len(set(configs))
-    assert {t.user_attrs["worker"] for t in evaluated}.__len__() == 2
+    for i, url in enumerate(urls):
+        a, b = outs[0][i], outs[1][i]
+        assert a and b, f"{url}: both workers must have run trials"
+        assert len(a) == len(set(a)) and len(b) == len(set(b))
+        assert not set(a) & set(b), f"{url}: a config ran in both workers"
+        st = open_study("shared", url, seed=0)
+        evaluated = ran(st)
+        assert len(evaluated) == len(a) + len(b)
+        assert n <= len(evaluated) <= n + 1  # two workers can both take the last slot
+        configs = [repr(sp.config(t.params)) for t in evaluated]
+        assert len(configs) == len(set(configs))
+        assert len({t.user_attrs["worker"] for t in evaluated}) == 2

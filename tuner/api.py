@@ -13,7 +13,7 @@ from .cache import ConfigCache
 from .keys import TuneKey, dtype_name, interpret_mode, make_key
 from .lookup import default_lookup, tuning_guard
 from .runner import Shape, make_objective
-from .space import DEFAULT_KERNELS, KERNELS, Problem, build_space
+from .space import AXES, DEFAULT_KERNELS, KERNELS, Problem, build_space, default_axes
 from .study import Objective, StudyReport, evaluate, open_study, optimize, quiet_optuna
 
 DEFAULT_TRIALS = 50
@@ -79,7 +79,7 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
          storage: Optional[str] = None, timeout: Optional[float] = None, trial_timeout: Optional[float] = 300.0,
          seed: int = 0, force: bool = False, grid: bool = False, cache: Optional[ConfigCache] = None,
          objective: Optional[ObjectiveFactory] = None, timer=None, device=None, study_suffix: str = "",
-         callback: Optional[Callable[[dict], None]] = None) -> TuneReport:
+         axes: Optional[dict] = None, callback: Optional[Callable[[dict], None]] = None) -> TuneReport:
     """Tune `mixer`'s kernels for `shapes` (one (B, T, H, K, V) or a list) and `dtype`; cache the best configs.
 
     kernels: default ("chunk_fwd", "chunk_bwd"). trials: the study's target number
@@ -91,6 +91,8 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
     grid=True runs the whole pruned grid. force=True tunes even on a cache hit.
     objective: a factory (mixer, kernel, shape, dtype, *, timer, seed) -> Objective,
     by default the real compiled ops (runner.make_objective).
+    axes: {axis: values} overriding the default values of the axes a kernel searches
+    (e.g. {"num_stages": (1, 2)}); the study of a different space is a different study.
     """
     from mixforge.spec import load_mixer
 
@@ -113,7 +115,7 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
         for i, (shape, kernel) in enumerate(jobs):
             t0 = time.perf_counter()
             key = make_key(mixer.content_hash, kernel, dt, *shape.astuple())
-            space = build_space(kernel, Problem.of(mixer, shape.K, shape.V, dt))
+            space = kernel_space(kernel, Problem.of(mixer, shape.K, shape.V, dt), interp, axes)
             baseline = space.heuristic(interp)
             entry = cache.get(key)
             target = len(space.grid()) if grid else min(trials, len(space.grid()))
@@ -157,6 +159,18 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
             results.append(r)
     default_lookup().invalidate()
     return TuneReport(mixer.name, dt, results)
+
+
+def kernel_space(kernel: str, problem: Problem, interpret: bool, axes: Optional[dict] = None):
+    """The kernel's space on this device, with `axes` overriding the values of the axes it searches."""
+    if not axes:
+        return build_space(kernel, problem, interpret=interpret)
+    unknown = set(axes) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown axes {sorted(unknown)}; expected some of {', '.join(AXES)}")
+    base = default_axes(kernel, problem, interpret)
+    return build_space(kernel, problem, interpret=interpret,
+                       axes={a: tuple(axes.get(a, v)) for a, v in base.items()})
 
 
 def _baseline_outside(study, obj: Objective, baseline: KernelConfig, trial_timeout) -> Optional[float]:

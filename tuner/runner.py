@@ -110,11 +110,16 @@ def compile_ops(mixer, config_lookup=None):
     return fn(mixer, config_lookup=config_lookup)
 
 
-class _Pinned:
-    """A ConfigLookup that answers `config` for one kernel and defers to `base` for the others."""
+class Pinned:
+    """A ConfigLookup that answers `config` for one kernel and defers to `base` for the others.
 
-    def __init__(self, kernel: str, config: Optional[KernelConfig], base=None):
-        self.kernel, self.config, self.base = kernel, config, base
+    Ops ask their lookup for every call ("chunk_fwd" for the forward, "chunk_bwd"
+    for the backward, ...), so one compiled ops object serves every trial: the
+    study sets `config` before each run.
+    """
+
+    def __init__(self, kernel: str, base=None):
+        self.kernel, self.base, self.config = kernel, base, None
 
     def __call__(self, mixer, sk: ShapeKey):
         if sk.kernel == self.kernel and self.config is not None:
@@ -127,13 +132,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _grads(out, inputs: dict, seed: int):
-    """The backward pass's seeds: a fixed random dy for y and dS for the final state."""
-    g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    leaves = [t for t in _flat(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-    return leaves, [torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device, t.dtype) for t in leaves]
-
-
 def _flat(x):
     if isinstance(x, (tuple, list)):
         for y in x:
@@ -142,83 +140,180 @@ def _flat(x):
         yield x
 
 
+def _seeds(out, seed: int):
+    """The backward pass's seeds: a fixed random gradient for y and for the final state."""
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    leaves = [t for t in _flat(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return leaves, [torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device, t.dtype) for t in leaves]
+
+
+def _grads(out, params: list, seed: int, retain: bool = False):
+    leaves, seeds = _seeds(out, seed)
+    return tuple(torch.autograd.grad(leaves, params, seeds, retain_graph=retain, allow_unused=True))
+
+
+#: the float64 reference is the trusted output while it is affordable: its forward loops over tokens
+#: (fine on a GPU up to ~2^33 elements B*T*H*K*V), its backward keeps every step's state (2^28)
+REFERENCE_FWD_LIMIT = 2 ** 33
+REFERENCE_BWD_LIMIT = 2 ** 28
+
+
 def make_objective(mixer, kernel: str, shape, dtype="bf16", *, device=None, timer: Optional[Timer] = None,
                    seed: int = 0, trusted: str = "auto", base_lookup=None) -> Objective:
-    """The Objective of `kernel` of `mixer` at `shape` (B,T,H,K,V) and `dtype`."""
+    """The Objective of `kernel` of `mixer` at `shape` (B,T,H,K,V) and `dtype`.
+
+    The runner times the op call a user makes (`ops.chunk` for chunk_fwd, its
+    backward alone for chunk_bwd, `ops.recurrent`, `ops.step`); the config under
+    test reaches the kernel through the ops' lookup, every other kernel gets
+    `base_lookup`'s answer (by default the tuned cache and shipped defaults).
+    trusted: "reference" (float64, spec.reference), "ops" (the other path:
+    recurrent for chunk kernels, chunk for recurrent ones), or "auto"
+    (the reference while it is affordable).
+    """
     from mixforge.spec import reference
     from mixforge.spec.testing import random_inputs
 
+    from .lookup import default_lookup
+    from .space import KERNELS
+
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}")
     shape = Shape.parse(shape)
     dt = dtype_name(dtype)
     device = device or default_device()
     timer = timer or default_timer(device)
+    base = base_lookup if base_lookup is not None else default_lookup()
     B, T, H, K, V = shape.astuple()
     bwd = kernel.endswith("_bwd")
-    if kernel == "step":
+    step = kernel == "step"
+    if step:
         T = 1
-    inputs = random_inputs(mixer, B, T, H, K, V, dtype=torch_dtype(dt), device=device, seed=seed,
-                           requires_grad=bwd)
-    names = list(inputs)
-    path = "recurrent" if kernel.startswith("recurrent") or kernel == "step" else "chunk"
-    small = B * T * H * K * V <= REFERENCE_LIMIT or torch.device(device).type == "cpu"
-    use_ref = trusted == "reference" or (trusted == "auto" and small)
+    x = random_inputs(mixer, B, T, H, K, V, dtype=torch_dtype(dt), device=device, seed=seed, requires_grad=bwd)
+    names = list(x)
+    input_names = {o.name for o in mixer.inputs}
+    n = B * T * H * K * V
+    use_ref = trusted == "reference" or (trusted == "auto" and n <= (REFERENCE_BWD_LIMIT if bwd else
+                                                                       REFERENCE_FWD_LIMIT))
+    path = "recurrent" if kernel.startswith("recurrent") or step else "chunk"
+    other = "chunk" if path == "recurrent" else "recurrent"
+    pinned = Pinned(kernel, base)
+    state = {}
+
+    def ops():
+        if "ops" not in state:
+            state["ops"] = compile_ops(mixer, config_lookup=pinned)
+        return state["ops"]
 
     state0 = None
-    if kernel == "step":
+    if step:
         g = torch.Generator(device="cpu").manual_seed(seed + 2)
-        state0 = torch.randn(B, H, K, V, generator=g, dtype=torch.float32).to(device) * 0.1
-        if mixer.normalize:
-            state0 = (state0, torch.rand(B, H, K, generator=g, dtype=torch.float32).to(device))
+        S = (torch.randn(B, H, K, V, generator=g, dtype=torch.float32) * 0.1).to(device)
+        state0 = (S, torch.rand(B, H, K, generator=g, dtype=torch.float32).to(device)) if mixer.normalize else S
 
-    def call(ops, x, cfg):
-        if kernel == "step":
-            step_in = {n: (t[:, 0] if t.dim() >= 3 and t.shape[:2] == (B, 1) else t) for n, t in x.items()}
-            return ops.step(state=state0, config=cfg, **step_in)
-        f = ops.chunk if path == "chunk" else ops.recurrent
-        return f(**x, output_final_state=True, config=cfg)
+    def forward(inputs, which=path):
+        o = ops()
+        if step:
+            rows = {k: (v[:, 0] if k in input_names else v) for k, v in inputs.items()}
+            kw = {"position": 0} if getattr(o.plan, "uses_t", False) else {}
+            return o.step(state=state0, **kw, **rows)
+        return getattr(o, which)(**inputs, output_final_state=True)
 
     if not bwd:
-        def run(cfg: KernelConfig, x):
-            ops = compile_ops(mixer, config_lookup=base_lookup)
-            out = call(ops, x, cfg)
-            _sync(device)
-            return out, timer(lambda: call(ops, x, cfg))
+        def run(cfg: KernelConfig, inputs):
+            pinned.config = cfg
+            try:
+                out = forward(inputs)
+                _sync(device)
+                return out, timer(lambda: forward(inputs))
+            finally:
+                pinned.config = None
     else:
-        fwd_kernel = kernel.replace("_bwd", "_fwd")
+        def run(cfg: KernelConfig, inputs):
+            params = [inputs[k] for k in names]
+            pinned.config = cfg  # ops resolve the backward's config when the forward runs
+            try:
+                out = forward(inputs)  # the forward itself runs with its own (looked-up) config
+                grads = _grads(out, params, seed, retain=True)
+                _sync(device)
+                leaves, seeds = _seeds(out, seed)
+                ms = timer(lambda: torch.autograd.grad(leaves, params, seeds, retain_graph=True, allow_unused=True))
+                return grads, ms
+            finally:
+                pinned.config = None
 
-        def run(cfg: KernelConfig, x):
-            ops = compile_ops(mixer, config_lookup=_Pinned(kernel, cfg, base_lookup))
-            out = call(ops, x, None)
-            leaves, seeds = _grads(out, x, seed)
-            params = [x[n] for n in names]
-            grads = torch.autograd.grad(leaves, params, seeds, retain_graph=True, allow_unused=True)
-            _sync(device)
-            ms = timer(lambda: torch.autograd.grad(leaves, params, seeds, retain_graph=True, allow_unused=True))
-            return tuple(grads), ms
-
-        del fwd_kernel
-
-    def trusted_outputs(x):
+    def trusted_outputs(inputs):
         if use_ref:
-            x64 = {n: t.detach().to(torch.float64).requires_grad_(bwd) for n, t in x.items()}
-            if kernel == "step":
-                s64 = None if state0 is None else tuple(s.double() for s in _flat(state0))
-                s64 = s64[0] if s64 and len(s64) == 1 else s64
-                y, S = reference(mixer, initial_state=s64, output_final_state=True, **x64)
-                return (y[:, 0].to(torch_dtype(dt)), S)
+            x64 = {k: v.detach().to(torch.float64).requires_grad_(bwd) for k, v in inputs.items()}
+            if step:
+                s64 = tuple(t.double() for t in _flat(state0))
+                y, S = reference(mixer, initial_state=s64 if mixer.normalize else s64[0], output_final_state=True,
+                                 **x64)
+                return (y[:, 0], S)
             y, S = reference(mixer, output_final_state=True, **x64)
             if not bwd:
                 return (y, S)
-            leaves, seeds = _grads((y, S), x64, seed)
-            return tuple(torch.autograd.grad(leaves, [x64[n] for n in names], seeds, allow_unused=True))
-        ops = compile_ops(mixer, config_lookup=base_lookup)
+            return _grads((y, S), [x64[k] for k in names], seed)
+        if step:
+            raise ValueError("the step kernel is checked against the reference only")
         with torch.no_grad() if not bwd else torch.enable_grad():
-            out = (ops.recurrent if kernel != "step" else ops.step)(**x, output_final_state=True)
+            out = forward(inputs, other)
         if not bwd:
             return out
-        leaves, seeds = _grads(out, x, seed)
-        return tuple(torch.autograd.grad(leaves, [x[n] for n in names], seeds, allow_unused=True))
+        return _grads(out, [inputs[k] for k in names], seed)
 
     tol = TOLERANCE[dt] * (5 if bwd else 1)
-    return Objective(inputs=inputs, run=run, trusted=trusted_outputs, tolerance=tol,
-                     describe=f"{mixer.name} {kernel} {shape} {dt} on {device}")
+    return Objective(inputs=x, run=run, trusted=trusted_outputs, tolerance=tol,
+                     describe=f"{mixer.name} {kernel} {shape} {dt} on {device}, "
+                              f"checked against {'the float64 reference' if use_ref else 'ops.' + other}")
+
+
+# --------------------------------------------------------------------------- parallel compilation
+
+_worker_objective = None
+
+
+def _precompile_init(mixer_json: str, kernel: str, shape: tuple, dtype: str, seed: int):
+    global _worker_objective
+    from mixforge.spec import Mixer
+
+    _worker_objective = make_objective(Mixer.from_json(mixer_json), kernel, shape, dtype, seed=seed,
+                                       timer=lambda fn: 1.0, trusted="reference")
+
+
+def _precompile_one(cfg_dict: dict) -> tuple[dict, Optional[str], float]:
+    t0 = time.perf_counter()
+    try:
+        _worker_objective.run(KernelConfig.from_dict(cfg_dict), _worker_objective.inputs)
+        err = None
+    except Exception as e:  # recorded by the study when the config's trial runs
+        err = f"{type(e).__name__}: {str(e)[:200]}"
+    return cfg_dict, err, time.perf_counter() - t0
+
+
+def precompile(mixer, kernel: str, shape, dtype, configs, *, workers: int = 8, seed: int = 0,
+               callback=None) -> list[tuple[dict, Optional[str], float]]:
+    """Compile `configs` in `workers` processes so the study's trials hit Triton's on-disk cache.
+
+    Each worker builds the same inputs (same shapes and dtypes: the same kernel
+    specializations) and runs every config once; compile errors are only
+    reported here (the study records them as failed trials). Returns
+    (config, error or None, seconds) per config.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    shape = Shape.parse(shape)
+    ctx = mp.get_context("spawn")
+    out = []
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_precompile_init,
+                                initargs=(mixer.to_json(), kernel, shape.astuple(), dtype_name(dtype), seed)) as ex:
+        futs = [ex.submit(_precompile_one, c.to_dict()) for c in configs]
+        for f in cf.as_completed(futs):
+            try:
+                r = f.result()
+            except Exception as e:  # a worker died (e.g. a sticky CUDA error): the study will see it
+                r = ({}, f"worker died: {type(e).__name__}: {e}", 0.0)
+            out.append(r)
+            if callback:
+                callback(r)
+    return out

@@ -1,0 +1,81 @@
+"""The tuner on the real generated kernels (Triton's interpreter, tiny shapes): tune, cache, look up, reject."""
+import pytest
+
+import mixforge as mf
+from mixforge.codegen import chunk as chunk_mod
+from mixforge.tuner import api
+from mixforge.tuner.cache import ConfigCache
+from mixforge.tuner.lookup import default_lookup
+from mixforge.tuner.runner import compile_ops, make_objective
+from mixforge.spec.testing import random_inputs
+
+SHAPE = (1, 16, 1, 16, 16)
+
+
+def cheap_timer(fn):
+    """The interpreter's times mean nothing; the trial's outputs were already computed and checked."""
+    return 1.0
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    default_lookup().invalidate()
+    yield tmp_path / "cache"
+    default_lookup().invalidate()
+
+
+def test_tune_real_kernels_then_ops_run_with_the_tuned_config(cache_dir, monkeypatch):
+    report = mf.tune(mf.zoo.gla, SHAPE, "fp32", kernels=["chunk_fwd", "chunk_bwd"], trials=2, timer=cheap_timer,
+                     storage=f"journal:{cache_dir / 'j.log'}", axes={"num_warps": (4,)})
+    assert [r.kernel for r in report] == ["chunk_fwd", "chunk_bwd"]
+    for r in report:
+        assert r.trials_run == 2 and r.trials_failed == 0 and r.trials_rejected == 0, r.report.history
+        assert r.config is not None and r.time_ms == 1.0
+        assert all(h["rel_err"] < 1e-4 for h in r.report.history)
+    assert len(ConfigCache(cache_dir / "tuner" / "configs.json").entries()) == 2
+
+    # the front door's lookup hands the tuned configs to the compiled ops, for any T in the bucket
+    used = []
+    real_forward, real_backward = chunk_mod.forward, chunk_mod.backward
+    monkeypatch.setattr(chunk_mod, "forward", lambda ctx, cfg: used.append(("fwd", cfg)) or real_forward(ctx, cfg))
+    monkeypatch.setattr(chunk_mod, "backward",
+                        lambda ctx, cfg, *a: used.append(("bwd", cfg)) or real_backward(ctx, cfg, *a))
+    ops = compile_ops(mf.zoo.gla, config_lookup=mf._config_lookup)
+    x = random_inputs(mf.zoo.gla, 1, 12, 1, 16, 16, seed=3, requires_grad=True)
+    y, _ = ops.chunk(**x)
+    y.sum().backward()
+    assert used == [("fwd", report.results[0].config), ("bwd", report.results[1].config)]
+
+
+def test_a_miscompiled_config_is_rejected_on_real_kernels(cache_dir, monkeypatch):
+    real_forward = chunk_mod.forward
+
+    def miscompiled(ctx, cfg):  # chunk=8 "compiles" to a kernel that drops the last token's update
+        core = real_forward(ctx, cfg)
+        if cfg.chunk == 8:
+            core.o[:, -1] = 0.0
+        return core
+
+    monkeypatch.setattr(chunk_mod, "forward", miscompiled)
+    report = api.tune(mf.zoo.mamba2, SHAPE, "fp32", kernels=["chunk_fwd"], grid=True, timer=cheap_timer,
+                      storage=f"journal:{cache_dir / 'j.log'}",
+                      axes={"chunk": (8, 16), "sub_chunk": (8,), "BV": (16,), "num_warps": (4,),
+                            "strategy": ("fused",)})
+    (r,) = report.results
+    assert r.trials_run == 2 and r.trials_rejected == 1
+    rejected = [h for h in r.report.history if h["rejected"]]
+    assert rejected[0]["config"]["chunk"] == 8 and rejected[0]["reason"] == "wrong_result"
+    assert r.config.chunk == 16
+
+
+def test_real_objective_checks_backward_against_the_reference():
+    obj = make_objective(mf.zoo.gla, "chunk_bwd", SHAPE, "fp32", timer=cheap_timer)
+    grads = obj.trusted_outputs()
+    assert len(grads) == len(obj.inputs) and all(g is not None for g in grads)
+    out, ms = obj.run(mf.codegen.config.KernelConfig(chunk=16, sub_chunk=8, BV=16), obj.inputs)
+    assert ms == 1.0
+    from mixforge.tuner.study import compare
+
+    ok, err, _ = compare(out, grads, obj.tolerance)
+    assert ok and err < 1e-4
