@@ -52,13 +52,15 @@ def attention_maps(source: Any, inputs: Any = None, *, cu_seqlens=None, scale=No
 
 def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] | int | None = None,
                        out: str | Path | None = None, batch: int = 0, title: str | None = None,
-                       marks: Sequence[int] | None = None, cu_seqlens=None, scale=None, clip: float = 0.995,
+                       marks: Sequence[int] | None = None, points: Sequence[tuple[int, int]] | None = None,
+                       cu_seqlens=None, scale=None, clip: float = 0.995,
                        max_cols: int = 4, dpi: int = 120):
     """Draw per-head heatmaps; save to `out` (PNG, SVG, PDF by suffix) if given. Returns the Figure.
 
     source/inputs: (Mixer or zoo name, dict of its tensors), (MixerLayer, x), or (tensor [B,H,T,T], None).
     heads: which heads (default all, at most 16); batch: which sequence of the batch.
     marks: rows to mark (for example MQAR's query positions).
+    points: (t, s) entries to circle (for example where each MQAR query should look).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -96,8 +98,7 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
     axes = fig.subplots(rows, cols, squeeze=False)
     import matplotlib
 
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("#eeeeee")
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")
     im = None
     for i, ax in enumerate(axes.flat):
         if i >= n:
@@ -113,6 +114,9 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
             ax.set_xlabel("source position s", fontsize=8)
         if marks:
             ax.scatter([-0.5] * len(marks), list(marks), marker=">", s=6, c="black", clip_on=False)
+        if points:
+            ax.scatter([p[1] for p in points], [p[0] for p in points], marker="o", s=30, facecolors="none",
+                       edgecolors="black", linewidths=0.6)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="M[t, s]")
     if title:
