@@ -180,7 +180,7 @@ class Emitter:
                 lines.append(f"b_fa = tl.where({key_m}, {code}, 0.0)")
             elif self.plan.decay == "scalar" and row_m is not None:
                 # per-token tiles are [BT, 1]; the decay of a row block is a [BT] vector
-                lines.append(f"b_fa = tl.sum(tl.where({row_m}[:, None], {code}, 0.0), axis=1)")
+                lines.append(f"b_fa = _sum(tl.where({row_m}[:, None], {code}, 0.0), axis=1)")
             elif not self.plan.exprs["fa"].free_symbols:   # a numeric decay: a tensor, so tl.exp accepts it
                 lines.append(f"b_fa = tl.full([], {code}, tl.float32)")
             else:

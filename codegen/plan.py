@@ -39,6 +39,14 @@ class OperandInfo:
         return {KEY: "key", VALUE: "value", SCALAR: "scalar"}[self.dim]
 
     @property
+    def axes(self) -> tuple[str, ...]:
+        """The symbolic shape of its tensor, as spec.shapes.layout spells it."""
+        if self.is_input:
+            last = {"key": ("G" if self.grouped else "H", "K"), "value": ("H", "V"), "scalar": ("H",)}[self.layout]
+            return ("B", "T") + last
+        return {"key": ("H", "K"), "value": ("H", "V"), "scalar": ("H",)}[self.layout]
+
+    @property
     def pointer(self) -> str:
         """The kernel argument holding its data (prefixed: operand names are user identifiers)."""
         return f"x_{self.name}"

@@ -44,9 +44,22 @@ FUNCTIONS: dict[str, str] = {
     "sign": "_sign",     # d|x|/dx
 }
 
-#: the helpers, as Triton source; the generated module starts with them
+#: the helpers, as Triton source; the generated module starts with them. Under Triton's
+#: interpreter every call into a jit function re-patches triton.language (milliseconds per
+#: call), so there the helpers run as plain Python, and `_sum` (tl.sum is a jit function)
+#: calls the reduction the interpreter runs with numpy. Compiled, they are tl.sum and jit functions.
 HELPERS = '''
-@triton.jit
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+helper = (lambda fn: fn) if INTERPRET else triton.jit
+
+if INTERPRET:
+    def _sum(x, axis):
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+else:
+    _sum = tl.sum
+
+
+@helper
 def _log1p(x):
     # log(1 + x) keeping its relative accuracy for tiny x (Goldberg): the rounding
     # error of u = 1 + x cancels in log(u) * x / (u - 1)
@@ -55,7 +68,7 @@ def _log1p(x):
     return tl.where(u == 1.0, x, tl.log(u) * (x / d))
 
 
-@triton.jit
+@helper
 def _sigmoid(x):
     # exp of -|x| only: never overflows
     e = tl.exp(-tl.abs(x))
@@ -63,46 +76,46 @@ def _sigmoid(x):
     return tl.where(x >= 0, r, e * r)
 
 
-@triton.jit
+@helper
 def _logsigmoid(x):
     # min(x, 0) - log(1 + exp(-|x|)): exact to the last bit for x >> 0 and x << 0
     return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
 
 
-@triton.jit
+@helper
 def _softplus(x):
     # torch's threshold: above 20, log(1 + exp(x)) == x in fp32
     return tl.where(x > 20.0, x, _log1p(tl.exp(tl.minimum(x, 20.0))))
 
 
-@triton.jit
+@helper
 def _silu(x):
     return x * _sigmoid(x)
 
 
-@triton.jit
+@helper
 def _elu(x):
     return tl.where(x > 0, x, tl.exp(tl.minimum(x, 0.0)) - 1.0)
 
 
-@triton.jit
+@helper
 def _relu(x):
     return tl.maximum(x, 0.0)
 
 
-@triton.jit
+@helper
 def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     r = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, r, -r)
 
 
-@triton.jit
+@helper
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
 
-@triton.jit
+@helper
 def _pow(x, y):
     # x ** y for a base of unknown sign: |x| ** y, negated for a negative base and an
     # odd integer exponent, NaN for a negative base and a fractional exponent (as torch.pow)

@@ -1,0 +1,55 @@
+"""Feature gradients -> raw gradients, with the generated chain kernel (templates/chain.py.jinja).
+
+For every Input and Param r: dr = sum over maps f of df * (d f / d r), the
+partials derived by sympy (derivatives.py). Reductions the kernel cannot do
+in place, finished here (deterministic sums, no atomics): parameters sum the
+per-program partials over row blocks; grouped inputs sum the heads of each
+group.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import next_pow2
+from .core import CallContext, FeatureGrads
+from .epilogue import row_block
+from .recurrent import MIN_TILE
+
+
+def raw_grads(ctx: CallContext, fg: FeatureGrads, dfg: Optional[torch.Tensor],
+              do: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradient of every operand by name, each in its operand's dtype and shape."""
+    sh, plan = ctx.shapes, ctx.plan
+    NT = sh.B * sh.T
+    BK, BV = max(MIN_TILE, next_pow2(sh.K)), max(MIN_TILE, next_pow2(sh.V))
+    BT = row_block(max(BK, BV), NT)
+    NB = -(-NT // BT)
+    f32 = dict(dtype=torch.float32, device=ctx.device)
+    writes = ctx.module.CHAIN_WRITES if NT > 0 else ()
+    outs = {}
+    for o in plan.operands:
+        x = ctx.tensors[o.name]
+        new = torch.empty if o.name in writes else torch.zeros   # the kernel writes every element it owns
+        if o.is_input and o.grouped:      # per head first; the heads of a group are summed below
+            outs[o.name] = new(sh.B, sh.T, sh.H, sh.K, **f32)
+        elif o.is_input:
+            outs[o.name] = new(x.shape, dtype=x.dtype, device=x.device)
+        else:                             # one partial sum per row block
+            outs[o.name] = new((NB,) + tuple(x.shape), **f32)
+    if writes:
+        ctx.module.chain_kernel[(NB, sh.H)](
+            *ctx.kernel_args(), *(outs[o.name] for o in plan.operands),
+            fg.dfq, fg.dfk, fg.dfv, fg.dfa, dfg, fg.dw, do, ctx.positions, ctx.scale, NT,
+            H=sh.H, K=sh.K, V=sh.V, BT=BT, BK=BK, BV=BV)
+    grads = {}
+    for o in plan.operands:
+        x, g = ctx.tensors[o.name], outs[o.name]
+        if o.is_input and o.grouped:
+            G = sh.group(o.name)
+            g = g.view(sh.B, sh.T, G, sh.H // G, sh.K).sum(3)
+        elif not o.is_input:
+            g = g.sum(0)
+        grads[o.name] = g.to(x.dtype)
+    return grads

@@ -1,0 +1,105 @@
+"""The recurrent path: token-by-token kernels (templates/recurrent.py.jinja), and the decoding step.
+
+    forward(ctx, config) -> CoreForward
+    backward(ctx, config, do, dS_T, dz_T) -> FeatureGrads
+    step(ctx, config, position) -> (o [B, H, V] fp32, S_new, z_new)
+
+One program per (sequence x head, value block) keeps its [K, BV] slice of
+the state in registers (all of K, padded to a power of two; BV from the
+config). Sums over V that the backward needs (dfq, dfk, the decay and bonus
+gradients, dz0) are written per value block and added here: deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import KernelConfig, next_pow2
+from .core import CallContext, CoreForward, FeatureGrads
+
+#: the smallest tile: Triton's layouts want at least 16 elements along a dimension
+MIN_TILE = 16
+
+
+def tiles(K: int, V: int, config: KernelConfig) -> tuple[int, int, int]:
+    """(BK, BV, NV): all of K in one tile, V in blocks of BV."""
+    BK = max(MIN_TILE, next_pow2(K))
+    BV = max(MIN_TILE, min(next_pow2(config.BV), next_pow2(V)))
+    return BK, BV, -(-V // BV)
+
+
+def _launch(config: KernelConfig, device: torch.device) -> dict:
+    return {} if device.type != "cuda" else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def forward(ctx: CallContext, config: KernelConfig) -> CoreForward:
+    sh, plan = ctx.shapes, ctx.plan
+    BK, BV, NV = tiles(sh.K, sh.V, config)
+    f32 = dict(dtype=torch.float32, device=ctx.device)
+    o = torch.empty(sh.B, sh.T, sh.H, sh.V, **f32)
+    S_T = torch.empty(sh.N, sh.H, sh.K, sh.V, **f32) if ctx.output_final_state else None
+    z_T = torch.empty(sh.N, sh.H, sh.K, **f32) if ctx.output_final_state and plan.normalize else None
+    ctx.module.recurrent_fwd_kernel[(sh.N * sh.H, NV)](
+        *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_T, z_T, ctx.cu_seqlens, ctx.scale, sh.T,
+        H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV,
+        USE_S0=ctx.S0 is not None, STORE_ST=ctx.output_final_state, VARLEN=ctx.cu_seqlens is not None,
+        **_launch(config, ctx.device))
+    return CoreForward(o, S_T, z_T)
+
+
+def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Optional[torch.Tensor],
+             dz_T: Optional[torch.Tensor]) -> FeatureGrads:
+    sh, plan = ctx.shapes, ctx.plan
+    B, T, H, K, V, N = sh.B, sh.T, sh.H, sh.K, sh.V, sh.N
+    BK, BV, NV = tiles(K, V, config)
+    NT = B * T
+    f32 = dict(dtype=torch.float32, device=ctx.device)
+    # [NV, ...]: each value block's share of a sum over V
+    dq = torch.empty(NV, NT, H, K, **f32)
+    dk = torch.empty(NV, NT, H, K, **f32)
+    dv = torch.empty(B, T, H, V, **f32)
+    da = None   # the decay gradient per token: [.., K] per key, summed over K in the kernel otherwise
+    if plan.decay == "key":
+        da = torch.empty(NV, NT, H, K, **f32)
+    elif plan.decay != "none":
+        da = torch.empty(NV, NT, H, **f32)
+    dw = torch.empty(NV, N, H, K, **f32) if plan.bonus else None
+    dS0 = torch.empty(N, H, K, V, **f32) if ctx.S0 is not None else None
+    dz0 = torch.empty(NV, N, H, K, **f32) if ctx.S0 is not None and plan.normalize else None
+    aux = torch.empty(NV, NT, H, 2, **f32) if plan.normalize else None   # den and this block's dden per token
+    if dS_T is None and dz_T is not None:
+        dS_T = torch.zeros(N, H, K, V, **f32)
+    if dz_T is None and dS_T is not None and plan.normalize:
+        dz_T = torch.zeros(N, H, K, **f32)
+    ctx.module.recurrent_bwd_kernel[(N * H, NV)](
+        *ctx.kernel_args(), do.contiguous(), ctx.S0, ctx.z0, dS_T, dz_T, ctx.cu_seqlens,
+        dq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
+        H=H, K=K, V=V, BK=BK, BV=BV,
+        USE_S0=ctx.S0 is not None, USE_DST=dS_T is not None, VARLEN=ctx.cu_seqlens is not None,
+        **_launch(config, ctx.device))
+    dfa = None
+    if plan.decay == "key":
+        dfa = da.sum(0).view(B, T, H, K)
+    elif plan.decay == "scalar":
+        dfa = da.sum(0).view(B, T, H)
+    elif plan.decay == "constant":
+        dfa = da.sum((0, 1))
+    return FeatureGrads(
+        dfq=dq.sum(0).view(B, T, H, K), dfk=dk.sum(0).view(B, T, H, K), dfv=dv, dfa=dfa,
+        dw=dw.sum((0, 1)) if dw is not None else None, dS0=dS0,
+        dz0=dz0.sum(0) if dz0 is not None else None)
+
+
+def step(ctx: CallContext, config: KernelConfig, position: Optional[torch.Tensor]):
+    """One decoding step: ctx.tensors hold one token per sequence ([B, 1, H, ...] views), ctx.S0 the state."""
+    sh, plan = ctx.shapes, ctx.plan
+    BK, BV, NV = tiles(sh.K, sh.V, config)
+    f32 = dict(dtype=torch.float32, device=ctx.device)
+    o = torch.empty(sh.B, sh.H, sh.V, **f32)
+    S_new = torch.empty(sh.B, sh.H, sh.K, sh.V, **f32)
+    z_new = torch.empty(sh.B, sh.H, sh.K, **f32) if plan.normalize else None
+    ctx.module.step_kernel[(sh.B * sh.H, NV)](
+        *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_new, z_new, position, ctx.scale,
+        H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV, **_launch(config, ctx.device))
+    return o, S_new, z_new
