@@ -13,6 +13,18 @@ from mixforge.plotting import plot_attention_map  # noqa: E402
 __version__ = "0.1.0"
 
 
+def compile(mixer, config_lookup=None):
+    """Generate (or reuse from the on-disk cache) and load `mixer`'s kernels: a MixerOps.
+
+    `mixer` is a Mixer or a reference `load_mixer` accepts (zoo name, file.py:NAME, spec.json).
+    `config_lookup(mixer, ShapeKey) -> KernelConfig | None` supplies tuned tile configs;
+    without one (or when it answers None) a heuristic config is used.
+    """
+    from mixforge.codegen.ops import MixerOps
+
+    return MixerOps(mixer, config_lookup)
+
+
 def tune(mixer, shapes, dtype="bf16", **kwargs):
     """Autotune `mixer`'s kernels for `shapes` ((B, T, H, K, V) or a list) and cache the best configs.
 
