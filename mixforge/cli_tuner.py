@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     t.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds for the whole tune")
     t.add_argument("--trial-timeout", type=float, default=300.0, metavar="S", help="seconds per trial (default 300)")
     t.add_argument("--seed", type=int, default=0, help="sampler seed (give each worker of a shared study its own)")
+    t.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help="restrict or extend one axis of the search space, e.g. num_stages=1,2 (repeatable)")
     t.add_argument("--grid", action="store_true", help="run the whole pruned grid instead of TPE")
     t.add_argument("--force", action="store_true", help="tune even when the cache has an entry")
     t.set_defaults(func=cmd_tune)
@@ -64,6 +66,24 @@ def _dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_axes(items) -> dict:
+    """{"num_stages": (1, 2), "strategy": ("fused",)} from ["num_stages=1,2", "strategy=fused"]."""
+    from mixforge.tuner.space import AXES
+
+    out = {}
+    for item in items or []:
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if not sep or name not in AXES or not values.strip():
+            raise ValueError(f"--axis {item!r}: expected NAME=V1,V2 with NAME one of {', '.join(AXES)}")
+        vals = []
+        for v in values.split(","):
+            v = v.strip()
+            vals.append(None if v.lower() == "none" else int(v) if v.lstrip("-").isdigit() else v)
+        out[name] = tuple(vals)
+    return out
+
+
 def _console() -> Console:
     return Console(highlight=False, soft_wrap=False, width=160 if not sys.stdout.isatty() else None)
 
@@ -93,6 +113,11 @@ def cmd_tune(args) -> int:
         print(f"mixforge: error: --shape {e}", file=sys.stderr)
         return 2
     kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
+    try:
+        axes = parse_axes(args.axis)
+    except ValueError as e:
+        print(f"mixforge: error: {e}", file=sys.stderr)
+        return 2
     trials = args.trials if args.trials is not None else api.DEFAULT_TRIALS
     console = _console()
     tasks: dict = {}
@@ -117,7 +142,7 @@ def cmd_tune(args) -> int:
 
         report = api.tune(mixer, shapes, args.dtype, kernels=kernels, trials=trials, storage=args.storage,
                           timeout=args.timeout, trial_timeout=args.trial_timeout, seed=args.seed, force=args.force,
-                          grid=args.grid, callback=on_event)
+                          grid=args.grid, axes=axes or None, callback=on_event)
     table = Table(title=f"{mixer.name} ({mixer.content_hash}), {report.dtype}")
     for col in ("kernel", "shape", "best config", "time ms", "speedup vs default", "trials run", "failed",
                 "rejected", "note"):
