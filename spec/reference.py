@@ -94,8 +94,8 @@ def evaluate_maps(mixer: Mixer, tensors: dict, shapes: CallShapes, *, cu_seqlens
 
 def default_scale(mixer: Mixer, K: int, scale=None) -> float:
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise CallError(f"scale: expected a positive number, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise CallError(f"scale: expected a positive finite number, got {scale!r}")
         return float(scale)
     return mixer.scale if mixer.scale is not None else K ** -0.5
 
@@ -228,14 +228,17 @@ def attention_map(mixer: Mixer, *, cu_seqlens=None, scale=None, **tensors) -> to
     # an exclusive read sees S_{t-1}: the row's own decay is not applied yet
     Lq = Lk if mixer.inclusive else (L - maps.gamma).permute(0, 2, 1, 3)
     idx = torch.arange(T, device=shapes.device)
+    same = seq[:, :, None] == seq[:, None, :]                              # [B, T, T]
     for i in range(T):
         lo = i + 1 if mixer.inclusive else i
         if lo == 0:
             continue
-        # exponents L_i - L_j <= 0 for j <= i: nothing overflows
-        w = torch.exp(Lq[:, :, i:i + 1] - Lk[:, :, :lo])                # [B, H, lo, K]
+        # exponents L_i - L_j <= 0 for j <= i in the same sequence: nothing overflows. Across a
+        # sequence boundary L restarts and the difference can be huge: exp(-inf) = 0 there, never
+        # inf * 0 = NaN (and no NaN gradient)
+        diff = (Lq[:, :, i:i + 1] - Lk[:, :, :lo]).masked_fill(~same[:, None, i, :lo, None], -math.inf)
+        w = torch.exp(diff)                                                # [B, H, lo, K]
         M[:, :, i, :lo] = (q[:, :, i:i + 1] * k[:, :, :lo] * w).sum(-1)
-    same = seq[:, :, None] == seq[:, None, :]                              # [B, T, T]
     causal = idx[:, None] >= idx[None, :] if mixer.inclusive else idx[:, None] > idx[None, :]
     M = M * (same & causal)[:, None].to(M.dtype)
     if mixer.normalize:

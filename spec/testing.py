@@ -67,9 +67,13 @@ def _push_decay(mixer: Mixer, raw: dict, target: float) -> dict:
         shapes = resolve_call(mixer, x, dtypes=REFERENCE_DTYPES)
         return evaluate_maps(mixer, x, shapes).gamma.min().item()
 
-    lo, hi = -50.0, 400.0  # min_gamma decreases with c
-    if not (min_gamma(hi) <= target <= min_gamma(lo)):
-        return shifted(hi if min_gamma(hi) > target else lo)
+    # min_gamma decreases with c for a monotone decay; one that is not (-a**2, strongest on both sides)
+    # decreases on one side of 0 only: take the first range that brackets the target
+    for lo, hi in ((-50.0, 400.0), (0.0, 400.0), (-50.0, 0.0)):
+        if min_gamma(hi) <= target <= min_gamma(lo):
+            break
+    else:  # out of reach: the shift that comes closest
+        return shifted(min((-50.0, 0.0, 400.0), key=lambda c: abs(min_gamma(c) - target)))
     for _ in range(40):
         mid = (lo + hi) / 2
         if min_gamma(mid) > target:
