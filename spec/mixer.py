@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import sys
 import tokenize
 import warnings
@@ -82,7 +83,8 @@ def _check_elementwise(where: str, expr: sympy.Expr, extra_ok: tuple = ()) -> No
             continue
         if isinstance(node, sympy.Function) or isinstance(node, sympy.core.function.AppliedUndef):
             name = type(node).__name__
-            if name in fn.ELEMENTWISE or type(node) in extra_ok:
+            # by identity: an undefined sympy.Function("sigmoid") only shares the name
+            if fn.ELEMENTWISE.get(name) is type(node) or type(node) in extra_ok:
                 continue
             if isinstance(node, sympy.core.function.AppliedUndef):
                 raise SpecError(f"{where} uses the undefined function {name}; use mixforge.functions")
@@ -239,7 +241,7 @@ class Mixer:
                 f"normalize=True and norm={norm!r} together: the denominator already normalizes o; choose one"
             )
         if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
                 raise SpecError(f"scale must be a positive number or None (K ** -0.5), got {scale!r}")
             scale = float(scale)
         if bonus is not None and not isinstance(bonus, Bonus):
@@ -282,7 +284,7 @@ class Mixer:
                 f"mixer {self.name!r}: sympy cannot prove fa = {fa} <= 0; the kernels assume a log-decay "
                 "<= 0 (write it with logsigmoid, -exp, -softplus or log1p(-x) so it can be proved)",
                 UndecidedDecayWarning,
-                stacklevel=4,
+                stacklevel=3,  # the line that declares the Mixer
             )
 
     # ---- derived facts the layers below use
@@ -321,13 +323,13 @@ class Mixer:
             "name": self.name,
             "inputs": [o.to_dict() for o in self.inputs],
             "params": [o.to_dict() for o in self.params],
-            "maps": {k: sympy.sstr(v) for k, v in self.maps.items()},
+            "maps": {k: _sstr(v) for k, v in self.maps.items()},
             "normalize": self.normalize,
             "inclusive": self.inclusive,
             "scale": self.scale,
             "norm": self.norm,
             "bonus": None if self.bonus is None else {
-                "weight": sympy.sstr(self.bonus.weight), "term": sympy.sstr(self.bonus.term)},
+                "weight": _sstr(self.bonus.weight), "term": _sstr(self.bonus.term)},
         }
         if self.doc:
             d["doc"] = self.doc
@@ -342,10 +344,21 @@ class Mixer:
             raise SpecError("not a mixforge mixer description (missing 'mixforge': 1)")
         try:
             names: dict[str, Any] = {}
-            for o in d.get("inputs", []):
-                names[o["name"]] = Input(o["name"], dim=o.get("dim", KEY), grouped=o.get("grouped", False))
-            for o in d.get("params", []):
-                names[o["name"]] = Param(o["name"], dim=o.get("dim", KEY))
+            for field, make in (("inputs", lambda o: Input(o["name"], dim=o.get("dim", KEY),
+                                                           grouped=o.get("grouped", False))),
+                                ("params", lambda o: Param(o["name"], dim=o.get("dim", KEY)))):
+                entries = d.get(field, [])
+                if not isinstance(entries, list) or not all(isinstance(o, dict) for o in entries):
+                    raise SpecError(f"{field} must be a list of objects like {{'name': 'q', 'dim': 'key'}}")
+                for o in entries:
+                    if o.get("name") in names:
+                        raise SpecError(f"the name {o['name']!r} is declared twice in inputs and params")
+                    names[o["name"]] = make(o)
+            if not isinstance(d["maps"], dict):
+                raise SpecError("maps must be an object {'fq': '...', 'fk': '...', 'fv': '...', ...}")
+            for k in ("fq", "fk", "fv"):
+                if k not in d["maps"]:
+                    raise KeyError(f"maps.{k}")
             maps = {k: _parse(f"maps.{k}", v, names) for k, v in d["maps"].items()}
             bonus = None
             if d.get("bonus"):
@@ -420,6 +433,25 @@ def _shape_text(o: Operand) -> str:
 
 # --------------------------------------------------------------------------- parsing
 
+class _ExactPrinter(sympy.printing.str.StrPrinter):
+    """sstr, except that double-precision Floats print all their digits (repr), so text round-trips."""
+
+    def _print_Float(self, expr):
+        if expr._prec == 53:
+            return repr(float(expr))
+        return super()._print_Float(expr)
+
+
+def _sstr(expr) -> str:
+    return _ExactPrinter().doprint(expr)
+
+
+def _doubles(expr: sympy.Expr) -> sympy.Expr:
+    """Parsed decimals get a precision from their digit count; make them the doubles that were printed."""
+    floats = expr.atoms(sympy.Float)
+    return expr.xreplace({f: sympy.Float(float(f)) for f in floats}) if floats else expr
+
+
 _PARSE_CONSTANTS = {"pi": sympy.pi, "E": sympy.E}
 
 
@@ -441,7 +473,7 @@ def _parse(where: str, text: str, names: dict[str, Any]) -> sympy.Expr:
                             tokenize.ENDMARKER, tokenize.NL):
             raise SpecError(f"{where}: unexpected {tok.string!r} in {text!r}")
     try:
-        return sympy.parse_expr(text, local_dict=local, evaluate=True)
+        return _doubles(sympy.parse_expr(text, local_dict=local, evaluate=True))
     except Exception as e:  # sympy raises many types for malformed text
         raise SpecError(f"{where}: cannot parse {text!r}: {e}") from None
 

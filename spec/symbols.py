@@ -20,6 +20,10 @@ _DIMS = (KEY, VALUE, SCALAR)
 RESERVED = frozenset(
     {"h", "t", "s", "value", "scale", "initial_state", "output_final_state", "cu_seqlens", "state",
      "tl", "triton", "torch", "math"}
+    # the expression language's own names: an operand called exp, pi or Float would shadow them when a
+    # map is parsed from JSON or evaluated (keep in step with functions.ELEMENTWISE)
+    | {"sigmoid", "logsigmoid", "softplus", "silu", "elu", "relu", "log1p", "exp", "log", "sqrt", "tanh",
+       "cos", "sin", "Abs", "Piecewise", "pi", "E", "Integer", "Float", "Rational", "Symbol"}
 )
 
 
