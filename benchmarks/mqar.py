@@ -78,37 +78,42 @@ class MQARConfig:
         return cls(**base)
 
 
-def mqar_batch(n: int, cfg: MQARConfig, generator: torch.Generator, device="cpu"):
+def mqar_batch(n: int, cfg: MQARConfig, generator: torch.Generator, device=None):
     """(inputs [n, seq_len], labels [n, seq_len]) as in Zoology's multiquery_ar.
 
     Labels are IGNORE except where the input is a query key; there the label is
-    the value that followed that key in the context.
+    the value that followed that key in the context. The random draws happen on
+    the generator's device (a CUDA generator keeps training batches on the GPU);
+    the result is moved to `device` if given.
     """
     V, L, P = cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs
     if L % 2 or V <= L or 4 * P > L:
         raise ValueError(f"MQAR needs an even seq_len, vocab_size > seq_len and 4 * num_kv_pairs <= seq_len; "
                          f"got seq_len={L}, vocab_size={V}, num_kv_pairs={P}")
     g = generator
+    dev = g.device
     half = V // 2
     # distinct keys from 1..half-1 and distinct values from half..V-1 per example
-    keys = torch.rand(n, half - 1, generator=g).argsort(dim=1)[:, :P] + 1
-    values = torch.rand(n, V - half, generator=g).argsort(dim=1)[:, :P] + half
+    keys = torch.rand(n, half - 1, generator=g, device=dev).argsort(dim=1)[:, :P] + 1
+    values = torch.rand(n, V - half, generator=g, device=dev).argsort(dim=1)[:, :P] + half
     context = 2 * P
     kvs = torch.stack([keys, values], dim=2).reshape(n, context)
-    # query gaps: P distinct slots of `space`, drawn without replacement with p ~ power law
+    # query gaps: P distinct slots of `space`, drawn without replacement with p ~ power law (Gumbel top-k)
     space = (L - context) // 2
-    p = cfg.power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (cfg.power_a - 1)
-    gumbel = -torch.log(-torch.log(torch.rand(n, space, generator=g, dtype=torch.float64).clamp_min(1e-300)))
-    gaps = (p.log()[None] + gumbel).topk(P, dim=1).indices
-    queries = torch.zeros(n, L - context + 1, dtype=torch.long)
+    p = cfg.power_a * torch.arange(1, space + 1, dtype=torch.float64, device=dev) ** (cfg.power_a - 1)
+    u = torch.rand(n, space, generator=g, dtype=torch.float64, device=dev).clamp_min(1e-300)
+    gaps = (p.log()[None] - torch.log(-torch.log(u))).topk(P, dim=1).indices
+    queries = torch.zeros(n, L - context + 1, dtype=torch.long, device=dev)
     queries.scatter_(1, 2 * gaps, keys)
     examples = torch.cat([kvs, queries], dim=1)
-    labels = torch.full((n, L + 1), IGNORE, dtype=torch.long)
+    labels = torch.full((n, L + 1), IGNORE, dtype=torch.long, device=dev)
     labels.scatter_(1, 2 * gaps + context + 1, values)
     inputs, labels = examples[:, :-1].clone(), labels[:, 1:].clone()
-    noise = torch.randint(V, inputs.shape, generator=g)
+    noise = torch.randint(V, inputs.shape, generator=g, device=dev)
     inputs = torch.where(inputs == 0, noise, inputs)
-    return inputs.to(device), labels.to(device)
+    if device is not None:
+        inputs, labels = inputs.to(device), labels.to(device)
+    return inputs, labels
 
 
 # --------------------------------------------------------------------------- model
@@ -248,8 +253,8 @@ def train(mixer: str, cfg: MQARConfig, *, device: str = "cpu", ops_factory: Call
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else torch.autocast("cpu", enabled=False)
 
-    gen_train = torch.Generator().manual_seed(cfg.seed + 1)
-    gen_test = torch.Generator().manual_seed(10_000 + cfg.seed)
+    gen_train = torch.Generator(device=dev).manual_seed(cfg.seed + 1)       # batches drawn on the device
+    gen_test = torch.Generator().manual_seed(10_000 + cfg.seed)             # the held-out set: same on any device
     test_x, test_y = mqar_batch(cfg.eval_examples, cfg, gen_test, dev)
     log(f"mqar: {mixer}  params {n_params / 1e6:.2f}M  device {dev}  steps {cfg.steps}  "
         f"(seq {cfg.seq_len}, pairs {cfg.num_kv_pairs}, vocab {cfg.vocab_size}, d_model {cfg.d_model})")
