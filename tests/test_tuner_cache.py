@@ -217,3 +217,34 @@ def test_lookup_skips_configs_the_kernels_would_reject(tmp_path, monkeypatch):
     look = TunedLookup(user=user, shipped=[shipped], autotune=False)
     r = look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128))
     assert r.source == "shipped" and r.config.chunk == 64
+
+
+def test_front_door_lookup_traces_under_torch_compile(tmp_path, monkeypatch):
+    """Ops call the lookup on every call, also inside torch.compile(fullgraph=True), static or dynamic."""
+    import torch
+
+    import mixforge as mf
+    from mixforge.tuner.lookup import default_lookup
+
+    monkeypatch.setenv("MIXFORGE_CACHE_DIR", str(tmp_path))
+    default_lookup().invalidate()
+    gla = mf.zoo.gla
+    for T, chunk in ((8, 8), (2048, 32)):
+        ConfigCache().put(make_key(gla.content_hash, "chunk_fwd", "fp32", 2, T, 2, 16, 16),
+                          KernelConfig(chunk=chunk, sub_chunk=8, BV=16), 1.0)
+
+    class Holder:
+        mixer = gla
+
+    def f(x):
+        cfg = mf._config_lookup(Holder.mixer, ShapeKey("chunk_fwd", "fp32", x.shape[0], x.shape[1], 2, 16, 16))
+        return x * (0 if cfg is None else cfg.chunk)
+
+    assert f(torch.ones(2, 8)).max() == 8   # eager: the exact bucket
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        g = torch.compile(f, backend="eager", fullgraph=True, dynamic=dynamic)
+        assert g(torch.ones(2, 8)).max() == 32  # traced: the bucket nearest to T=4096
+        assert g(torch.ones(2, 40)).max() == 32
+    torch._dynamo.reset()
+    default_lookup().invalidate()

@@ -25,12 +25,25 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from mixforge.codegen.config import KernelConfig, ShapeKey
 
 from .cache import ConfigCache
-from .keys import TuneKey, current_device, dtype_name, make_key, source_hash, triton_version
+from .keys import TuneKey, bucket, current_device, dtype_name, make_key, source_hash, triton_version
 
 _local = threading.local()
+#: the representative sizes for a lookup whose B and T are unknown (symbolic under torch.compile)
+UNKNOWN_T, UNKNOWN_BH = 4096, 64
+
+
+def _device_index() -> int:
+    import torch
+
+    try:
+        return torch.cuda.current_device() if torch.cuda.is_initialized() else -1
+    except Exception:
+        return -1
 
 
 def defaults_dir() -> Path:
@@ -108,21 +121,33 @@ class TunedLookup:
 
     def key_for(self, mixer, sk: ShapeKey) -> TuneKey:
         mixer_hash = mixer if isinstance(mixer, str) else mixer.content_hash
-        return make_key(mixer_hash, sk.kernel, sk.dtype, sk.B, sk.T, sk.H, sk.K, sk.V)
+        if sk.T < 0 or sk.B < 0:  # unknown sizes: a typical training shape
+            B, T = max(1, UNKNOWN_BH // max(sk.H, 1)), UNKNOWN_T
+        else:
+            B, T = sk.B, sk.T
+        return make_key(mixer_hash, sk.kernel, sk.dtype, B, T, sk.H, sk.K, sk.V)
 
     def resolve(self, mixer, sk: ShapeKey) -> Resolution:
-        key = self.key_for(mixer, sk)
-        memo_key = str(key)
+        # memoized per (mixer object, kernel, dtype, K, V, buckets, GPU): no hashing of the mixer on a hit
+        memo_key = (mixer if isinstance(mixer, str) else id(mixer), sk.kernel, sk.dtype, sk.K, sk.V,
+                    bucket(sk.T) if sk.T >= 0 else -1, bucket(sk.B * sk.H) if sk.B >= 0 else -1, _device_index())
         hit = self._memo.get(memo_key)
-        if hit is not None:
-            return hit
-        res = self._resolve(mixer, sk, key)
+        if hit is not None and hit[0] is mixer:
+            return hit[1]
+        res = self._resolve(mixer, sk, self.key_for(mixer, sk))
         with self._lock:
-            self._memo[memo_key] = res
+            self._memo[memo_key] = (mixer, res)  # keeps the mixer alive, so its id is not reused
         return res
 
     def _resolve(self, mixer, sk: ShapeKey, key: TuneKey) -> Resolution:
         ok = lambda e: self._usable(mixer, sk, e)  # noqa: E731
+        if sk.T < 0 or sk.B < 0:  # sizes unknown (symbolic under torch.compile): the nearest bucket to typical
+            for source, caches in (("user-nearest", [self.user]), ("shipped-nearest", self.shipped)):
+                found = [n for c in caches if (n := _nearest(c, key, ok)) is not None]
+                if found:
+                    k, entry = min(found, key=lambda ke: _distance(key, ke[0]))
+                    return Resolution(KernelConfig.from_dict(entry["config"]), source, k, entry)
+            return Resolution(None, "heuristic", key)
         entry = self.user.get(key)
         if entry is not None and ok(entry):
             return Resolution(KernelConfig.from_dict(entry["config"]), "user", key, entry)
@@ -206,9 +231,37 @@ def default_lookup() -> TunedLookup:
     return _default
 
 
+def _assume_constant(fn):
+    """Under torch.compile the lookup runs once while tracing and its answer is baked into the graph."""
+    try:
+        import torch._dynamo
+
+        return torch._dynamo.assume_constant_result(fn)
+    except Exception:  # pragma: no cover - a torch without dynamo
+        return fn
+
+
+@_assume_constant
+def _constant_lookup(mixer, kernel: str, dtype: str, B: int, T: int, H: int, K: int, V: int):
+    """Primitives in, a tuple (or None) out: what torch.compile can treat as a constant."""
+    c = default_lookup()(mixer, ShapeKey(kernel, dtype, B, T, H, K, V))
+    return None if c is None else (c.chunk, c.sub_chunk, c.BK, c.BV, c.num_warps, c.num_stages, c.strategy)
+
+
 def config_lookup(mixer, sk: ShapeKey) -> Optional[KernelConfig]:
-    """A plain function with the ConfigLookup signature, backed by `default_lookup()`."""
-    return default_lookup()(mixer, sk)
+    """The ConfigLookup the front door hands to compiled ops, backed by `default_lookup()`.
+
+    Safe inside torch.compile(fullgraph=True): the answer is computed once at trace
+    time. While tracing, B and T may be symbolic (dynamic shapes), and choosing a
+    bucket would need a guard on them, so a traced call takes the nearest tuned
+    bucket to T=4096, B*H=64 (every tuned config is valid for every T; only its
+    speed depends on the bucket). Eager calls use their exact bucket.
+    """
+    B, T = sk.B, sk.T
+    if torch.compiler.is_compiling():
+        B, T = -1, -1
+    r = _constant_lookup(mixer, sk.kernel, sk.dtype, B, T, sk.H, sk.K, sk.V)
+    return None if r is None else KernelConfig(*r)
 
 
 def explain(mixer, kernel: str, B: int, T: int, H: int, K: int, V: int, dtype="bf16") -> Resolution:
