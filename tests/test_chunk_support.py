@@ -159,8 +159,11 @@ def rel(a, b) -> float:
 
 def run_case(mixer=None, *, decay=None, inclusive=True, normalize=False, term=None, feats=None, scale=None,
              B=2, T=40, H=2, K=8, V=12, seed=0, strength="normal", cu_seqlens=None, initial_state=False,
-             final_state=True, config=None, grads=True):
-    """Run forward (and backward) of the chunked kernels on features; return {name: relative error}."""
+             final_state=True, config=None, grads=True, corrupt=None):
+    """Run forward (and backward) of the chunked kernels on features; return {name: relative error}.
+
+    Either a zoo-style `mixer` (features from its random inputs) or decay/inclusive/normalize/term/feats/scale.
+    """
     if mixer is not None:
         decay, inclusive, normalize, term = mixer.decay_kind, mixer.inclusive, mixer.normalize, term_name(mixer)
         feats, scale = features_of(mixer, B=B, T=T, H=H, K=K, V=V, seed=seed, decay=strength,
@@ -185,6 +188,8 @@ def run_case(mixer=None, *, decay=None, inclusive=True, normalize=False, term=No
 
     mod = feature_module(decay, inclusive, normalize, term)
     f32 = {n: (t.float().contiguous() if t is not None else torch.zeros(1)) for n, t in feats.items()}
+    if corrupt is not None:  # what the kernels see differs from the reference's inputs: the check must fail
+        f32 = corrupt(f32)
     call = chunk_path.ChunkCall(
         module=mod, map_args=[f32["fq"], f32["fk"], f32["fv"], f32["fa"], f32["w"]],
         B=B, T=T, H=H, K=K, V=V, N=N, scale=float(scale), decay=decay, inclusive=inclusive,

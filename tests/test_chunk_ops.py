@@ -1,0 +1,119 @@
+"""End to end: `ops.chunk` (generated module, maps computed in-kernel from raw inputs, the chunked path)
+against the float64 reference, values, final state and the gradient of every input, parameter and
+initial state. Interpreter, fp32, small shapes."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+import mixforge as mf
+from mixforge import Bonus, Input, Mixer, Param, s, value
+from mixforge.codegen import chunk as chunk_path
+from mixforge.codegen.config import KernelConfig
+from mixforge.functions import exp, logsigmoid, sigmoid, silu, softplus, tanh
+from mixforge.spec import zoo
+from mixforge.spec.testing import random_inputs
+
+from test_chunk_support import assert_close, rel
+
+
+def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, decay="normal", seed=0):
+    ops = mf.compile(mixer)
+    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, seed=seed, decay=decay, requires_grad=True)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    gen = torch.Generator().manual_seed(seed + 7)
+    S0 = torch.randn(N, H, K, V, generator=gen)
+    init = (S0, torch.rand(N, H, K, generator=gen) + 0.5) if mixer.normalize else (S0,)
+    init = [t.requires_grad_() for t in init]
+    pack = (lambda xs: tuple(xs)) if mixer.normalize else (lambda xs: xs[0])
+    config = KernelConfig(chunk=16, sub_chunk=8, BV=16, strategy=strategy)
+    calls = []
+    real = chunk_path.run_forward
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    chunk_path.run_forward = spy
+    try:
+        y, ST = ops.chunk(**x, initial_state=pack(init), output_final_state=True, cu_seqlens=cu_seqlens,
+                          config=config)
+    finally:
+        chunk_path.run_forward = real
+    assert calls, "ops.chunk did not run the chunked path"
+    xr = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    initr = [t.detach().double().requires_grad_() for t in init]
+    yr, STr = mf.reference(mixer, **xr, initial_state=pack(initr), output_final_state=True, cu_seqlens=cu_seqlens)
+    STs, STrs = (list(ST), list(STr)) if mixer.normalize else ([ST], [STr])
+    gy = torch.randn(yr.shape, generator=gen, dtype=torch.float64)
+    gS = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in STrs]
+    loss = (y * gy.float()).sum() + sum((a * b.float()).sum() for a, b in zip(STs, gS))
+    loss_r = (yr * gy).sum() + sum((a * b).sum() for a, b in zip(STrs, gS))
+    names = list(x) + ["S0", "z0"][:len(init)]
+    grads = torch.autograd.grad(loss, list(x.values()) + init)
+    grads_r = torch.autograd.grad(loss_r, list(xr.values()) + initr)
+    errs = {"y": rel(y, yr)}
+    errs.update({f"S_T[{i}]": rel(a, b) for i, (a, b) in enumerate(zip(STs, STrs))})
+    errs.update({f"d{n}": rel(a, b) for n, a, b in zip(names, grads, grads_r)})
+    assert_close(errs)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ALL))
+def test_zoo_fused(name):
+    check(zoo.ALL[name], "fused")
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "rwkv4", "metala", "cosformer"])
+def test_zoo_two_pass(name):
+    check(zoo.ALL[name], "two_pass")
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2"])
+def test_strong_decay(name):
+    check(zoo.ALL[name], decay="strong")
+
+
+@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "cosformer"])
+def test_varlen_with_empty_sequences(name, strategy):
+    """cosformer's maps use the position t, which restarts in every packed sequence."""
+    cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
+    check(zoo.ALL[name], strategy, B=1, cu_seqlens=cu)
+
+
+def test_odd_dims():
+    check(zoo.gla, "two_pass", T=17, K=5, V=7)
+
+
+# --------------------------------------------------------------------------- hypothesis-drawn mixers
+
+_q, _k, _v, _a = Input("q"), Input("k"), Input("v", dim="value"), Input("a")
+_d, _u, _ph = Input("d", dim=None), Param("u"), Param("ph", dim=None)
+
+
+@st.composite
+def mixers(draw):
+    normalize = draw(st.booleans())
+    feat = [lambda x: x, silu, tanh] if not normalize else [exp, sigmoid, softplus]
+    fq = draw(st.sampled_from(feat))(_q)
+    fk = draw(st.sampled_from(feat))(_k)
+    fa = draw(st.sampled_from([None, logsigmoid(_a) / 4, -exp(_a), -softplus(_d) * exp(_ph), logsigmoid(_ph)]))
+    if fa is not None and not normalize and draw(st.booleans()):
+        fk = 1 - exp(fa)
+    bonus = None
+    if draw(st.booleans()):
+        bonus = Bonus(weight=_u, term=draw(st.sampled_from([s * value, sigmoid(s * value), tanh(s) * value])))
+    return Mixer("hypchunk", fq=fq, fk=fk, fv=_v, fa=fa, normalize=normalize, inclusive=draw(st.booleans()),
+                 bonus=bonus)
+
+
+@given(m=mixers(), strategy=st.sampled_from(["fused", "two_pass"]), seed=st.integers(0, 3))
+def test_hypothesis_mixers(m, strategy, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        note(m.describe())
+        check(m, strategy, B=1, T=19, H=1, K=4, V=5, seed=seed)
