@@ -17,12 +17,13 @@ def compile(mixer, config_lookup=None):
     """Generate (or reuse from the on-disk cache) and load `mixer`'s kernels: a MixerOps.
 
     `mixer` is a Mixer or a reference `load_mixer` accepts (zoo name, file.py:NAME, spec.json).
-    `config_lookup(mixer, ShapeKey) -> KernelConfig | None` supplies tuned tile configs;
-    without one (or when it answers None) a heuristic config is used.
+    `config_lookup(mixer, ShapeKey) -> KernelConfig | None` supplies tuned tile configs; by
+    default the tuner's: your tuned configs (`mixforge tune`), then the shipped defaults.
+    When it answers None, a heuristic config is used.
     """
     from mixforge.codegen.ops import MixerOps
 
-    return MixerOps(mixer, config_lookup)
+    return MixerOps(mixer, _config_lookup if config_lookup is None else config_lookup)
 
 
 def tune(mixer, shapes, dtype="bf16", **kwargs):
