@@ -66,7 +66,7 @@ def _state_parts(state):
     return list(state) if isinstance(state, (tuple, list)) else [state]
 
 
-def check_path(ops, mixer: Mixer, path: str, shape: dict, seed: int = 0) -> dict:
+def check_path(ops, mixer: Mixer, path: str, shape: dict, seed: int = 0, device="cpu") -> dict:
     """Relative errors of one path (chunk or recurrent) against the float64 reference.
 
     With an initial state and the final state requested; gradients of every
@@ -74,18 +74,19 @@ def check_path(ops, mixer: Mixer, path: str, shape: dict, seed: int = 0) -> dict
     """
     from mixforge.spec.testing import random_inputs
 
-    x = random_inputs(mixer, **shape, dtype=torch.float32, seed=seed, requires_grad=True)
+    x = random_inputs(mixer, **shape, dtype=torch.float32, seed=seed, requires_grad=True, device=device)
     N, H, K, V = shape["B"], shape["H"], shape["K"], shape["V"]
     gen = torch.Generator().manual_seed(seed + 1)
-    S0 = (0.5 * torch.randn(N, H, K, V, generator=gen)).requires_grad_(True)
-    init = (S0, torch.rand(N, H, K, generator=gen).requires_grad_(True)) if mixer.normalize else S0
+    S0 = (0.5 * torch.randn(N, H, K, V, generator=gen)).to(device).requires_grad_(True)
+    z0 = torch.rand(N, H, K, generator=gen).to(device).requires_grad_(True)
+    init = (S0, z0) if mixer.normalize else S0
     y, S = getattr(ops, path)(initial_state=init, output_final_state=True, **x)
     x64 = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
     init64 = tuple(p.detach().double().requires_grad_(True) for p in _state_parts(init))
     y_ref, S_ref = mf.reference(mixer, initial_state=init64 if mixer.normalize else init64[0],
                                 output_final_state=True, **x64)
-    dy = torch.randn(y.shape, generator=gen)
-    dS = [torch.randn(p.shape, generator=gen) for p in _state_parts(S)]
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    dS = [torch.randn(p.shape, generator=gen).to(device) for p in _state_parts(S)]
     outs, refs = [y] + _state_parts(S), [y_ref] + _state_parts(S_ref)
     leaves = list(x.values()) + list(_state_parts(init))
     leaves64 = list(x64.values()) + list(init64)
@@ -105,11 +106,11 @@ def check_path(ops, mixer: Mixer, path: str, shape: dict, seed: int = 0) -> dict
     }
 
 
-def check_decoding(ops, mixer: Mixer, shape: dict, prefill: int, seed: int = 0) -> float:
+def check_decoding(ops, mixer: Mixer, shape: dict, prefill: int, seed: int = 0, device="cpu") -> float:
     """Prefill with the chunk path, then ops.step token by token: relative error against one pass."""
     from mixforge.spec.testing import random_inputs
 
-    x = random_inputs(mixer, **shape, dtype=torch.float32, seed=seed)
+    x = random_inputs(mixer, **shape, dtype=torch.float32, seed=seed, device=device)
     inputs = {o.name for o in mixer.inputs}
     y_ref, _ = mf.reference(mixer, **{k: v.double() for k, v in x.items()})
     head = {k: (v[:, :prefill] if k in inputs else v) for k, v in x.items()}
@@ -122,12 +123,12 @@ def check_decoding(ops, mixer: Mixer, shape: dict, prefill: int, seed: int = 0) 
     return _rel(torch.cat(ys, 1), y_ref)
 
 
-def check_layer(ops, mixer: Mixer, quick: bool) -> float:
+def check_layer(ops, mixer: Mixer, quick: bool, device="cpu") -> float:
     """A MixerLayer on the generated kernels: prefill + decoding steps equals one pass."""
     torch.manual_seed(0)
-    layer = mf.MixerLayer(mixer, 32, 2, ops=ops)
+    layer = mf.MixerLayer(mixer, 32, 2, ops=ops).to(device)
     T = 8 if quick else 12
-    x = torch.randn(1, T, 32)
+    x = torch.randn(1, T, 32).to(device)
     with torch.no_grad():
         y = layer(x)
         y0, state = layer(x[:, :T - 3], use_cache=True)
@@ -215,7 +216,8 @@ def run_demo(out_dir: str = "mixforge-demo", quick: bool = False, console=None) 
     con.print(Panel(mixer.describe(), title=f"the variant: {mixer.name}", expand=False))
     summary["mixer"] = mixer.to_dict()
 
-    device_note = "GPU" if has_gpu else "CPU (Triton interpreter, fp32)"
+    device_note = "GPU, fp32 checks" if has_gpu else "CPU (Triton interpreter, fp32)"
+    dev = "cuda" if has_gpu else "cpu"
     shape = dict(B=2, T=12 if quick else 20, H=2, K=8, V=12)     # T not a multiple of a chunk; K != V
     steps = ["parallel form", "generate kernels", "chunk vs reference", "recurrent vs reference",
              "decoding", "layer", "attention map"] + (["tune and time"] if has_gpu else [])
@@ -261,7 +263,7 @@ def run_demo(out_dir: str = "mixforge-demo", quick: bool = False, console=None) 
             for path in ("chunk", "recurrent"):
                 t0 = time.perf_counter()
                 with warnings_as_notes(say):
-                    r = check_path(ops, mixer, path, shape)
+                    r = check_path(ops, mixer, path, shape, device=dev)
                 results[path] = r
                 good = r["y"] < VALUE_TOL and r["state"] < VALUE_TOL and r["max_grad"] < GRAD_TOL
                 ok &= good
@@ -269,13 +271,13 @@ def run_demo(out_dir: str = "mixforge-demo", quick: bool = False, console=None) 
                 say(f"  {path:9s}: y {r['y']:.1e}, final state {r['state']:.1e}, gradients max {r['max_grad']:.1e} "
                     f"({worst})  {'[green]ok[/]' if good else '[red]FAILED[/]'}  {time.perf_counter() - t0:.1f} s")
                 advance(f"{path} vs reference")
-            err = check_decoding(ops, mixer, dict(shape, B=1), prefill=shape["T"] - 4)
+            err = check_decoding(ops, mixer, dict(shape, B=1), prefill=shape["T"] - 4, device=dev)
             results["decoding"] = err
             ok &= err < VALUE_TOL
             say(f"  decoding : prefill {shape['T'] - 4} tokens + 4 steps vs one pass: {err:.1e}  "
                 f"{'[green]ok[/]' if err < VALUE_TOL else '[red]FAILED[/]'}")
             advance("decoding")
-            err = check_layer(ops, mixer, quick)
+            err = check_layer(ops, mixer, quick, device=dev)
             results["layer"] = err
             ok &= err < VALUE_TOL
             say(f"  layer    : MixerLayer prefill + decode vs one pass: {err:.1e}  "

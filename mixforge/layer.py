@@ -360,7 +360,9 @@ class MixerLayer(nn.Module):
             if n not in names:
                 raise SpecError(f"low_rank names {n!r}, which is not an input of {mixer.name!r} ({', '.join(names)})")
             if r == "d/16":
-                ranks[n] = max(1, math.ceil(d_model / 16))
+                ranks[n] = r = max(1, math.ceil(d_model / 16))
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise SpecError(f"low_rank[{n!r}] must be a positive integer, got {r!r}")
         plans = []
         for o in mixer.inputs:
             if o.dim == KEY:

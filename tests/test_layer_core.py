@@ -110,6 +110,10 @@ def test_generic_fallback_and_overrides():
         MixerLayer(mix, 64, 16, ops=ReferenceOps(mix), param_init={"zeta": torch.zeros(3)})
     with pytest.raises(SpecError, match="low_rank names 'x'"):
         MixerLayer(mix, 64, 16, ops=ReferenceOps(mix), low_rank={"x": 4})
+    with pytest.raises(SpecError, match="positive integer"):
+        MixerLayer(mix, 64, 16, ops=ReferenceOps(mix), low_rank={"q": 0})
+    layer = MixerLayer(mix, 64, 16, ops=ReferenceOps(mix), low_rank={"q": 8})
+    assert layer.low_rank["q"][0].out_features == 8 and "q" not in layer._full_names
 
 
 def test_zoo_defaults_apply_only_to_the_zoo_declaration():
