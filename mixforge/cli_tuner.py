@@ -105,6 +105,7 @@ def cmd_tune(args) -> int:
     from mixforge.spec import load_mixer
     from mixforge.tuner import api
     from mixforge.tuner.runner import Shape
+    from mixforge.tuner.study import TunerAbort
 
     mixer = load_mixer(args.spec)
     try:
@@ -140,9 +141,18 @@ def cmd_tune(args) -> int:
                 if tid is not None:
                     progress.update(tid, total=progress.tasks[tid].completed)
 
-        report = api.tune(mixer, shapes, args.dtype, kernels=kernels, trials=trials, storage=args.storage,
-                          timeout=args.timeout, trial_timeout=args.trial_timeout, seed=args.seed, force=args.force,
-                          grid=args.grid, axes=axes or None, callback=on_event)
+        try:
+            report = api.tune(mixer, shapes, args.dtype, kernels=kernels, trials=trials, storage=args.storage,
+                              timeout=args.timeout, trial_timeout=args.trial_timeout, seed=args.seed,
+                              force=args.force, grid=args.grid, axes=axes or None, callback=on_event)
+        except TunerAbort as e:
+            progress.stop()
+            print(f"mixforge: tuning stopped: {e}", file=sys.stderr)
+            return 1
+        except ValueError as e:
+            progress.stop()
+            print(f"mixforge: error: {e}", file=sys.stderr)
+            return 2
     table = Table(title=f"{mixer.name} ({mixer.content_hash}), {report.dtype}")
     for col in ("kernel", "shape", "best config", "time ms", "speedup vs default", "trials run", "failed",
                 "rejected", "note"):

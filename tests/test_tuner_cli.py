@@ -128,3 +128,22 @@ def test_front_door_tune_and_lookup(cache_dir):
     assert mf._config_lookup(mf.zoo.gla, ShapeKey("chunk_fwd", "fp32", 2, 50, 2, 16, 16)) == r.config
     assert mf.tune(mf.zoo.gla, shapes=[(2, 64, 2, 16, 16)], dtype="fp32", kernels=["chunk_fwd"],
                    trials=5).cache_hit
+
+
+def test_nothing_tunes_at_run_time_unless_asked(cache_dir, monkeypatch):
+    from mixforge.codegen.config import ShapeKey
+    from mixforge.tuner.lookup import TunedLookup
+
+    root, made = cache_dir
+    sk = ShapeKey("chunk_fwd", "fp32", 2, 64, 2, 16, 16)
+    monkeypatch.delenv("MIXFORGE_AUTOTUNE", raising=False)
+    assert TunedLookup()(mf.zoo.gla, sk) is None and made == []
+    monkeypatch.setenv("MIXFORGE_AUTOTUNE", "1")
+    monkeypatch.setenv("MIXFORGE_AUTOTUNE_TRIALS", "4")
+    look = TunedLookup()
+    cfg = look(mf.zoo.gla, sk)
+    assert cfg is not None and look.resolve(mf.zoo.gla, sk).source == "autotune"
+    assert [k for k, _, _ in made] == ["chunk_fwd"] and len(made[0][2].calls) == 4
+    # cached: a new process (a new lookup) finds it without tuning again
+    assert TunedLookup()(mf.zoo.gla, ShapeKey("chunk_fwd", "fp32", 2, 50, 2, 16, 16)) == cfg
+    assert len(made) == 1
