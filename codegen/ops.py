@@ -43,11 +43,21 @@ def _chunk_available() -> bool:
     return hasattr(chunk, "forward") and hasattr(chunk, "backward")
 
 
+class _Declared:
+    """What spec.shapes reads from a Mixer, computed once: `Mixer.operands` walks sympy trees on
+    every access, which torch.compile cannot trace; this snapshot it can."""
+
+    def __init__(self, mixer: Mixer):
+        self.name, self.normalize = mixer.name, mixer.normalize
+        self.operands, self.inputs = mixer.operands, mixer.inputs
+
+
 class MixerOps:
     """The compiled ops of one mixer. Build with `mixforge.compile(mixer)`."""
 
     def __init__(self, mixer: "Mixer | str", config_lookup: Optional[ConfigLookup] = None):
         self.mixer = load_mixer(mixer)
+        self._declared = _Declared(self.mixer)
         self.plan = build_plan(self.mixer)
         self._source = render_module(self.plan)
         self.module, self.module_path, self.cache_hit = cache.load_module(self.mixer.name, self._source)
@@ -96,7 +106,7 @@ class MixerOps:
         return self._call("recurrent", initial_state, output_final_state, cu_seqlens, scale, config, tensors)
 
     def _call(self, path, initial_state, output_final_state, cu_seqlens, scale, config, tensors):
-        shapes = resolve_call(self.mixer, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
+        shapes = resolve_call(self._declared, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
         scale = default_scale(self.mixer, shapes.K, scale)
         _check_flag("output_final_state", output_final_state)
         _check_config(config)
@@ -138,11 +148,11 @@ class MixerOps:
         whose maps use t. A prefill `ops.chunk(..., output_final_state=True)`
         followed by steps gives the same outputs as one pass over all tokens.
         """
-        rows = _step_rows(self.mixer, tensors)
-        shapes = resolve_call(self.mixer, rows)
+        rows = _step_rows(self._declared, tensors)
+        shapes = resolve_call(self._declared, rows)
         N, H, K, V = shapes.B, shapes.H, shapes.K, shapes.V
         if state is not None:
-            check_state("state", state, self.mixer, N, H, K, V, shapes.device, (torch.float32,))
+            check_state("state", state, self._declared, N, H, K, V, shapes.device, (torch.float32,))
         scale = default_scale(self.mixer, K, scale)
         _check_config(config)
         _check_runnable(shapes.device)

@@ -57,6 +57,7 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     f32 = dict(dtype=torch.float32, device=ctx.device)
     # [NV, ...]: each value block's share of a sum over V
     dq = torch.empty(NV, NT, H, K, **f32)
+    dlq = torch.empty(NV, NT, H, K, **f32) if plan.decay != "none" else None   # the decay's q-terms
     dk = torch.empty(NV, NT, H, K, **f32)
     dv = torch.empty(B, T, H, V, **f32)
     da = None   # the decay gradient per token: [.., K] per key, summed over K in the kernel otherwise
@@ -74,7 +75,7 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         dz_T = torch.zeros(N, H, K, **f32)
     ctx.module.recurrent_bwd_kernel[(N * H, NV)](
         *ctx.kernel_args(), do.contiguous(), ctx.S0, ctx.z0, dS_T, dz_T, ctx.cu_seqlens,
-        dq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
+        dq, dlq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
         H=H, K=K, V=V, BK=BK, BV=BV,
         USE_S0=ctx.S0 is not None, USE_DST=dS_T is not None, VARLEN=ctx.cu_seqlens is not None,
         **_launch(config, ctx.device))
