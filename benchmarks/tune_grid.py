@@ -10,9 +10,10 @@ For each mixer (GLA, Mamba-2) and kernel, at B=4, T=4096, H=16, K=V=128, bf16:
    first, --compile-workers), timed with do_bench (median) and checked against
    the trusted output. Kept in DIR/grid.sqlite3: a run cut short (--time-limit,
    Ctrl-C, the 10-minute command limit) resumes where it stopped.
-2. optuna: `mixforge tune` in a fresh process with a cold Triton cache, as a
-   user runs it, with --trials (default: 25% of the grid); its wall time; then
-   the identical command again, which must be a cache hit with zero trials.
+2. optuna: `mixforge tune` in a fresh process, as a user runs it, with
+   --trials (default: 25% of the grid); its wall time (--cold: with an empty
+   Triton cache, so every trial compiles; default: the cache the grid filled);
+   then the identical command again, which must be a cache hit with zero trials.
 3. report: DIR/tune_grid.json (device, versions, date, every grid result,
    the Optuna trial history, trials needed to come within 3% of the grid
    optimum, tuned and default times) and DIR/tune_grid.png (Optuna's
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=0, help="seeded TPE replays over the grid table (CPU only)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the JSON/PNG from DIR")
     p.add_argument("--skip-optuna", action="store_true", help="grid only")
+    p.add_argument("--cold", action="store_true",
+                   help="run the Optuna phase with an empty Triton cache (every trial compiles: the wall time a "
+                        "user sees on a fresh machine; slow). Default: the cache the grid filled")
     p.add_argument("--workers", type=int, default=0, help="two-worker mode: processes sharing one study")
     p.add_argument("--storage", default=None, help="two-worker mode: the shared storage URL (journal:FILE, ...)")
     p.add_argument("--worker-trials", type=int, default=None, help="two-worker mode: study size (default 40)")
@@ -196,7 +200,8 @@ def run_grid(setup: Setup, mixer, kernel) -> dict:
             n[0] += 1
             if n[0] % 20 == 0 or n[0] == len(todo):
                 log(f"  compiled {n[0]}/{len(todo)}")
-        res = precompile(mixer, kernel, setup.shape, setup.dtype, todo, workers=cw, callback=tick)
+        res = precompile(mixer, kernel, setup.shape, setup.dtype, todo, workers=cw, callback=tick,
+                         timeout=setup.remaining())
         out["precompile"] = {"workers": cw, "configs": len(todo), "wall_s": time.perf_counter() - t0,
                              "errors": sum(1 for _, e, _ in res if e),
                              "median_config_s": sorted(s for _, _, s in res)[len(res) // 2] if res else None}
@@ -252,6 +257,14 @@ def tune_cmd(setup: Setup, mixer_name: str, kernel: str, trials: int, storage: s
     return cmd + (["--force"] if force else [])
 
 
+def optuna_estimate_s(grid: dict, trials: int, cold: bool) -> float:
+    """Seconds a `mixforge tune` of `trials` should take: measurement (plus compile when cold) per trial."""
+    walls = sorted(r["wall_s"] for r in grid.get("trials", []) if r.get("wall_s"))
+    per = walls[len(walls) // 2] if walls else 5.0
+    compile_s = ((grid.get("precompile") or {}).get("median_config_s") or 0.0) if cold else 0.0
+    return 30.0 + trials * (per + compile_s)
+
+
 def run_cmd(cmd, env) -> tuple[int, str, float]:
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -272,28 +285,38 @@ def tpe_study_rows(storage_url: str, mixer, kernel: str, space) -> tuple[str, li
     return names[0], history(study, space)
 
 
-def run_optuna(setup: Setup, mixer, kernel: str, grid: dict) -> dict:
+def run_optuna(setup: Setup, mixer, kernel: str, grid: dict):
+    """The Optuna phase, or None when the time left cannot fit it (rerun later: it needs one cold run)."""
     space = space_for(setup, mixer, kernel)
     trials = setup.args.trials or max(2, math.ceil(TARGET_FRACTION * len(space.grid())))
+    need, left = optuna_estimate_s(grid, trials, setup.args.cold), setup.remaining()
+    if left is not None and left < need:
+        log(f"{mixer.name} {kernel}: the Optuna phase needs ~{need:.0f} s, {left:.0f} s left; rerun to do it")
+        return None
     storage = f"sqlite:///{setup.out / ('tune-%s-%s.sqlite3' % (mixer.name, kernel))}"
+    cold = setup.args.cold
     cache_dir = setup.out / f"cache-{mixer.name}-{kernel}"
     triton_cold = setup.out / f"triton-cold-{mixer.name}-{kernel}"
     for d in (cache_dir, triton_cold):
         shutil.rmtree(d, ignore_errors=True)
     Path(storage.split(":///", 1)[1]).unlink(missing_ok=True)
-    env = {**os.environ, "MIXFORGE_CACHE_DIR": str(cache_dir), "TRITON_CACHE_DIR": str(triton_cold),
-           "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "MIXFORGE_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    if cold:
+        env["TRITON_CACHE_DIR"] = str(triton_cold)
     cmd = tune_cmd(setup, mixer.name, kernel, trials, storage)
-    log(f"{mixer.name} {kernel}: {' '.join(cmd[1:])}  (cold Triton cache)")
+    if left is not None:  # a safety net only: the estimate above said it fits
+        cmd += ["--timeout", f"{max(60.0, left - 30):.0f}"]
+    log(f"{mixer.name} {kernel}: {' '.join(cmd[1:])}  ({'cold' if cold else 'warm'} Triton cache)")
     rc, text, wall = run_cmd(cmd, env)
     log(f"  first tune: exit {rc}, {wall:.1f} s")
+    shutil.rmtree(triton_cold, ignore_errors=True)  # compiled kernels: large, and only for this run
     name, rows = tpe_study_rows(storage, mixer, kernel, space)
     rc2, text2, wall2 = run_cmd(cmd, env)
     _, rows2 = tpe_study_rows(storage, mixer, kernel, space)
     hit = rc2 == 0 and "cache hit" in text2 and len(rows2) == len(rows)
     log(f"  second tune: exit {rc2}, {wall2:.1f} s, cache hit: {hit}, new trials: {len(rows2) - len(rows)}")
     out = {"command": " ".join(cmd[1:]), "trials_requested": trials, "exit": rc, "wall_s": wall,
-           "cold_triton_cache": True, "study": name, "history": rows, "output_tail": text[-3000:],
+           "cold_triton_cache": cold, "study": name, "history": rows, "output_tail": text[-3000:],
            "second_run": {"exit": rc2, "wall_s": wall2, "cache_hit": hit, "new_trials": len(rows2) - len(rows),
                           "output_tail": text2[-1500:]}}
     out.update(compare_to_grid(rows, grid))
@@ -402,7 +425,7 @@ def run_workers(setup: Setup) -> dict:
         log(f"warning: {k} workers but {gpus} GPU(s): workers share a GPU and disturb each other's timings")
     results = {}
     for label, url, nproc in (("one_worker", single, 1), (f"{k}_workers", shared, k)):
-        triton_dir = setup.out / f"triton-cold-{label}"
+        triton_dir = setup.out / f"triton-cold-{label}"  # each setup compiles its own trials: a fair race
         shutil.rmtree(triton_dir, ignore_errors=True)
         procs, t0 = [], time.perf_counter()
         for i in range(nproc):
@@ -414,6 +437,7 @@ def run_workers(setup: Setup) -> dict:
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate()[0] for p in procs]
         wall = time.perf_counter() - t0
+        shutil.rmtree(triton_dir, ignore_errors=True)
         _, rows = tpe_study_rows(url, mixer, kernel, space)
         configs = [json.dumps(r["config"], sort_keys=True) for r in rows]
         per_worker = {}
@@ -564,7 +588,9 @@ def main(argv=None) -> int:
                 if not g.get("done") or args.skip_optuna:
                     continue
                 if setup.load_phase(f"{m}-{k}-optuna") is None and not setup.out_of_time():
-                    setup.save_phase(f"{m}-{k}-optuna", run_optuna(setup, mixer, k, g))
+                    o = run_optuna(setup, mixer, k, g)
+                    if o is not None:
+                        setup.save_phase(f"{m}-{k}-optuna", o)
     if args.replays:
         for m in setup.mixers:
             for k in setup.kernels:

@@ -291,7 +291,7 @@ def _precompile_one(cfg_dict: dict) -> tuple[dict, Optional[str], float]:
 
 
 def precompile(mixer, kernel: str, shape, dtype, configs, *, workers: int = 8, seed: int = 0,
-               callback=None) -> list[tuple[dict, Optional[str], float]]:
+               callback=None, timeout: Optional[float] = None) -> list[tuple[dict, Optional[str], float]]:
     """Compile `configs` in `workers` processes so the study's trials hit Triton's on-disk cache.
 
     Each worker builds the same inputs (same shapes and dtypes: the same kernel
@@ -308,12 +308,16 @@ def precompile(mixer, kernel: str, shape, dtype, configs, *, workers: int = 8, s
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_precompile_init,
                                 initargs=(mixer.to_json(), kernel, shape.astuple(), dtype_name(dtype), seed)) as ex:
         futs = [ex.submit(_precompile_one, c.to_dict()) for c in configs]
-        for f in cf.as_completed(futs):
-            try:
-                r = f.result()
-            except Exception as e:  # a worker died (e.g. a sticky CUDA error): the study will see it
-                r = ({}, f"worker died: {type(e).__name__}: {e}", 0.0)
-            out.append(r)
-            if callback:
-                callback(r)
+        try:
+            for f in cf.as_completed(futs, timeout=timeout):
+                try:
+                    r = f.result()
+                except Exception as e:  # a worker died (e.g. a sticky CUDA error): the study will see it
+                    r = ({}, f"worker died: {type(e).__name__}: {e}", 0.0)
+                out.append(r)
+                if callback:
+                    callback(r)
+        except cf.TimeoutError:  # out of time: what is compiled stays in Triton's cache
+            for f in futs:
+                f.cancel()
     return out

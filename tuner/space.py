@@ -59,8 +59,10 @@ def device_limits(device=None) -> DeviceLimits:
     try:
         import torch
 
-        if interpret_mode() or not torch.cuda.is_available():
+        if interpret_mode():
             return INTERPRETER
+        if not torch.cuda.is_available():  # planning for a GPU from a machine without one
+            return H100
         import triton
 
         idx = torch.cuda.current_device() if device is None else torch.device(device).index or 0

@@ -230,7 +230,8 @@ def compare(outputs, trusted, tolerance: float) -> tuple[bool, float, str]:
                 return False, math.inf, f"{path} is missing"
             if tuple(x.shape) != tuple(y.shape):
                 return False, math.inf, f"{path} has shape {tuple(x.shape)}, expected {tuple(y.shape)}"
-            xd, yd = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
+            xd = x.detach().to(torch.float64)  # on the outputs' device: no host copy of big tensors
+            yd = y.detach().to(xd.device, torch.float64)
             if not torch.isfinite(xd).all():
                 return False, math.inf, f"{path} has NaN or Inf"
             err = (xd - yd).norm().item() / max(yd.norm().item(), 1e-30)
