@@ -102,7 +102,7 @@ def _compare_compiled(model, x):
             torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", ["gla", "mamba2"])
+@pytest.mark.parametrize("name", ["mamba2"])   # grouped, scalar and per-value inputs, params, D skip
 def test_layer_code_compiles_fullgraph_around_an_opaque_op(name):
     torch._dynamo.reset()
     model = _model(CustomOpStandin, name)
