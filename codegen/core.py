@@ -5,7 +5,7 @@ A path module provides
     forward(ctx: CallContext, config: KernelConfig) -> CoreForward
     backward(ctx: CallContext, config: KernelConfig, do, dS_T, dz_T) -> FeatureGrads
 
-and ops.py does everything around it: validation, contiguity, the epilogue
+(do fp32 [B, T, H, V]; dS_T, dz_T fp32 or None; all contiguous) and ops.py does everything around it: validation, contiguity, the epilogue
 (gate and norm), the chain rule to raw gradients, autograd and torch.library
 registration. A path computes in *feature space* only: `o` before gate and
 norm (bonus and denominator included), and the gradients of the maps.

@@ -153,6 +153,10 @@ def mixer_bwd(key: str, path: str, config: str, tensors: list[torch.Tensor], S0:
     sh = ctx.shapes
     if dy is None:   # only the final state was used
         dy = torch.zeros(sh.B, sh.T, sh.H, sh.V, dtype=sh.dtype, device=sh.device)
+    # incoming gradients can have any strides (the gradient of a sum is an expanded tensor)
+    dy = dy.contiguous()
+    dS_T = dS_T.contiguous() if dS_T is not None else None
+    dz_T = dz_T.contiguous() if dz_T is not None else None
     do, dfg = epilogue.backward(ctx, o, dy)
     fg = path_module(path).backward(ctx, parse_config(config), do, dS_T, dz_T)
     grads = chainrule.raw_grads(ctx, fg, dfg, do if c.plan.term_params else None)

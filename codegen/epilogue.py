@@ -39,11 +39,11 @@ def backward(ctx: CallContext, o: torch.Tensor, dy: torch.Tensor) -> tuple[torch
     """(do, dfg): the core's output gradient, fp32, and the gate's feature gradient (None without a gate)."""
     sh = ctx.shapes
     if not ctx.plan.has_epilogue:
-        return dy.to(torch.float32, copy=True).contiguous(), None
+        return dy.to(torch.float32, copy=True), None
     do = torch.empty(sh.B, sh.T, sh.H, sh.V, dtype=torch.float32, device=ctx.device)
     dfg = torch.empty_like(do) if ctx.plan.gate else None
     NT = sh.B * sh.T
     BT, BV = row_block(sh.V, NT), max(16, next_pow2(sh.V))
     ctx.module.epilogue_bwd_kernel[(-(-NT // BT), sh.H)](
-        *ctx.kernel_args(), o, dy.contiguous(), do, dfg, ctx.positions, NT, H=sh.H, V=sh.V, BT=BT, BV=BV)
+        *ctx.kernel_args(), o, dy, do, dfg, ctx.positions, NT, H=sh.H, V=sh.V, BT=BT, BV=BV)
     return do, dfg

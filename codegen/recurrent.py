@@ -74,7 +74,7 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     if dz_T is None and dS_T is not None and plan.normalize:
         dz_T = torch.zeros(N, H, K, **f32)
     ctx.module.recurrent_bwd_kernel[(N * H, NV)](
-        *ctx.kernel_args(), do.contiguous(), ctx.S0, ctx.z0, dS_T, dz_T, ctx.cu_seqlens,
+        *ctx.kernel_args(), do, ctx.S0, ctx.z0, dS_T, dz_T, ctx.cu_seqlens,
         dq, dlq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
         H=H, K=K, V=V, BK=BK, BV=BV,
         USE_S0=ctx.S0 is not None, USE_DST=dS_T is not None, VARLEN=ctx.cu_seqlens is not None,

@@ -1,0 +1,75 @@
+"""Decoding: a prefill followed by single-token steps gives the outputs and state of one pass."""
+import pytest
+import torch
+
+import mixforge as mf
+from mixforge.spec.errors import CallError
+from mixforge.spec.testing import random_inputs
+
+from helpers_codegen import assert_close
+
+_ops = {}
+
+
+def ops_for(name):
+    if name not in _ops:
+        _ops[name] = mf.compile(mf.zoo.ALL[name])
+    return _ops[name]
+
+
+def token(mixer, x, t):
+    """The step inputs of token t: per-token inputs without the T axis, parameters as they are."""
+    inputs = {o.name for o in mixer.inputs}
+    return {k: (v[:, t] if k in inputs else v) for k, v in x.items()}
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "rwkv4", "cosformer", "mamba2", "retnet"])
+def test_prefill_then_steps_equals_one_pass(name):
+    mixer, ops = mf.zoo.ALL[name], ops_for(name)
+    T, prefill = 9, 5
+    x = random_inputs(mixer, B=2, T=T, H=2, K=5, V=6, seed=21)
+    y_all, S_all = ops.recurrent(**x, output_final_state=True)
+    head = {k: (v[:, :prefill] if k in {o.name for o in mixer.inputs} else v) for k, v in x.items()}
+    _, state = ops.recurrent(**head, output_final_state=True)
+    for t in range(prefill, T):
+        y_t, state = ops.step(state=state, position=t, **token(mixer, x, t))
+        assert y_t.shape == y_all[:, t].shape and y_t.dtype == y_all.dtype
+        assert_close(y_t, y_all[:, t], f"y[{t}]")
+    for got, want in zip(state if mixer.normalize else (state,), S_all if mixer.normalize else (S_all,)):
+        assert_close(got, want, "state")
+
+
+def test_step_from_no_state_is_the_first_token():
+    mixer, ops = mf.zoo.gla, ops_for("gla")
+    x = random_inputs(mixer, B=2, T=1, H=2, K=4, V=4, seed=22)
+    y, S = ops.recurrent(**x, output_final_state=True)
+    y_t, S_t = ops.step(**token(mixer, x, 0))
+    assert_close(y_t, y[:, 0], "y")
+    assert_close(S_t, S, "state")
+
+
+def test_step_leaves_the_given_state_alone_and_takes_tensor_positions():
+    mixer, ops = mf.zoo.cosformer, ops_for("cosformer")
+    x = random_inputs(mixer, B=2, T=4, H=1, K=4, V=3, seed=23)
+    _, state = ops.recurrent(**x, output_final_state=True)
+    before = tuple(s.clone() for s in state)
+    nxt = random_inputs(mixer, B=2, T=1, H=1, K=4, V=3, seed=24)
+    nxt.update({k: x[k] for k in ("freq", "phase")})
+    y1, _ = ops.step(state=state, position=4, **token(mixer, nxt, 0))
+    y2, _ = ops.step(state=state, position=torch.tensor([4, 4]), **token(mixer, nxt, 0))
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+    torch.testing.assert_close(y1, y2)
+
+
+def test_step_errors_name_the_argument():
+    mixer, ops = mf.zoo.cosformer, ops_for("cosformer")
+    x = token(mixer, random_inputs(mixer, B=2, T=1, H=1, K=4, V=3, seed=25), 0)
+    with pytest.raises(CallError, match="position"):
+        ops.step(**x)
+    with pytest.raises(CallError, match="position"):
+        ops.step(position=torch.tensor([1, 2, 3]), **x)
+    with pytest.raises(CallError, match=r"state\[0\]"):
+        ops.step(state=(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4)), position=0, **x)
+    bad = dict(x, q=x["q"][:, None])
+    with pytest.raises(CallError, match="q: a step takes one token"):
+        ops.step(position=0, **bad)
