@@ -16,6 +16,7 @@ from mixforge.codegen import chunk as chunk_path
 from mixforge.codegen.config import KernelConfig
 from mixforge.functions import exp, logsigmoid, sigmoid, silu, softplus, tanh
 from mixforge.spec import zoo
+from mixforge.spec.shapes import resolve_call
 from mixforge.spec.testing import random_inputs
 
 from test_chunk_support import assert_close, rel
@@ -25,6 +26,8 @@ def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, d
     ops = mf.compile(mixer)
     x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, seed=seed, decay=decay, requires_grad=True)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    sh = resolve_call(mixer, x)          # K, V as the inputs define them (griffin, rwkv4: K = 1)
+    K, V = sh.K, sh.V
     gen = torch.Generator().manual_seed(seed + 7)
     S0 = torch.randn(N, H, K, V, generator=gen)
     init = (S0, torch.rand(N, H, K, generator=gen) + 0.5) if mixer.normalize else (S0,)
