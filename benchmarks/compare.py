@@ -203,7 +203,7 @@ def roofline_ms(mixer: Mixer, x: dict, rates: dict) -> float:
     return nbytes / rates["copy_bytes_per_s"] * 1e3
 
 
-def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd")) -> list[dict]:
+def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd"), peers=True) -> list[dict]:
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
     if case.name in ("gla", "hgrn2", "rwkv6"):
         pass
@@ -220,6 +220,8 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
     base = dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V,
                 dtype=str(dtype).replace("torch.", ""), path=case.path)
     try:
+        if not peers:
+            raise RuntimeError("not measured (--no-peers)")
         peer = case.make_peer(x, {"scale": scale})
     except Exception as e:  # peer absent or refuses
         peer, peer_err = None, f"{type(e).__name__}: {e}"
@@ -299,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--quick", action="store_true", help="T=2048 only")
     ap.add_argument("--peers-only", action="store_true", help="time the peers without mixforge kernels")
+    ap.add_argument("--no-peers", action="store_true", help="time mixforge's kernels only (no peer autotuning)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.compare needs a CUDA device", file=sys.stderr)
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
                 if ops is None:
                     rows += _peer_only(case, B, T, H, K, V, dtype)
                 else:
-                    rows += run_case(case, ops, B, T, H, K, V, dtype, rates)
+                    rows += run_case(case, ops, B, T, H, K, V, dtype, rates, peers=not args.no_peers)
             except Exception:
                 rows.append(dict(mixer=case.name, B=B, T=T, K=K, V=V, error=traceback.format_exc()[-800:]))
             print(f"[{case.name}] B={B} T={T} K={K} V={V}: {time.time() - t0:.1f}s", flush=True)
