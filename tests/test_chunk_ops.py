@@ -61,7 +61,10 @@ def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, d
     grads_r = torch.autograd.grad(loss_r, list(xr.values()) + initr)
     errs = {"y": rel(y, yr)}
     errs.update({f"S_T[{i}]": rel(a, b) for i, (a, b) in enumerate(zip(STs, STrs))})
-    errs.update({f"d{n}": rel(a, b) for n, a, b in zip(names, grads, grads_r)})
+    # a gradient that is zero in exact arithmetic (performer's qn: a per-token scale of q cancels in the
+    # denominator) is compared against a floor, not against its own rounding noise
+    errs.update({f"d{n}": rel(a, b) if b.norm() > 1e-6 * b.numel() ** 0.5 else float((a.double() - b).norm()) / b.numel() ** 0.5
+                 for n, a, b in zip(names, grads, grads_r)})
     assert_close(errs)
 
 
