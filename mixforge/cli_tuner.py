@@ -128,7 +128,7 @@ def cmd_tune(args) -> int:
             kind = e["kind"]
             if kind == "start":
                 tasks[e["kernel"]] = progress.add_task(f"{mixer.name} {e['kernel']} {e['shape']}",
-                                                       total=e["n_trials"], best="")
+                                                       total=e["n_trials"], completed=e.get("done", 0), best="")
             elif kind == "trial" and e["kernel"] in tasks:
                 tid = tasks[e["kernel"]]
                 progress.advance(tid)
@@ -138,7 +138,7 @@ def cmd_tune(args) -> int:
                         progress.update(tid, best_ms=e["time_ms"], best=f"best {e['time_ms']:.4g} ms")
             elif kind == "stop":
                 tid = tasks.get(e.get("kernel"))
-                if tid is not None:
+                if tid is not None and e.get("reason") != "target reached":  # grid done, timeout, exhausted
                     progress.update(tid, total=progress.tasks[tid].completed)
 
         try:

@@ -1,6 +1,5 @@
 """Keys and buckets, the JSON config cache (atomic, corruption-proof) and the runtime lookup order."""
 import json
-import os
 import pickle
 import warnings
 

@@ -14,7 +14,7 @@ from .keys import TuneKey, dtype_name, interpret_mode, make_key
 from .lookup import default_lookup, tuning_guard
 from .runner import Shape, make_objective
 from .space import AXES, DEFAULT_KERNELS, KERNELS, Problem, build_space, default_axes
-from .study import Objective, StudyReport, evaluate, open_study, optimize, quiet_optuna
+from .study import Objective, StudyReport, _ran, evaluate, open_study, optimize, quiet_optuna
 
 DEFAULT_TRIALS = 50
 
@@ -136,8 +136,9 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
                 study.set_user_attr("mixer", mixer.name)
             obj = factory(mixer, kernel, run_shape, dt, timer=timer, seed=seed) if device is None else \
                 factory(mixer, kernel, run_shape, dt, timer=timer, seed=seed, device=device)
+            already = sum(1 for t in study.get_trials(deepcopy=False) if _ran(t))
             notify({"kind": "start", "kernel": kernel, "shape": shape, "key": key, "n_trials": target,
-                    "grid_size": len(space.grid()), "study": name})
+                    "done": min(already, target), "grid_size": len(space.grid()), "study": name})
             remaining = None
             if deadline is not None:
                 remaining = max(0.0, (deadline - time.monotonic()) / (len(jobs) - i))
