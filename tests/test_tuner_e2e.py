@@ -79,3 +79,14 @@ def test_real_objective_checks_backward_against_the_reference():
 
     ok, err, _ = compare(out, grads, obj.tolerance)
     assert ok and err < 1e-4
+
+
+def test_step_kernel_is_tuned_and_found_at_T_1(cache_dir):
+    from mixforge.codegen.config import ShapeKey
+
+    report = mf.tune(mf.zoo.mamba2, SHAPE, "fp32", kernels=["step"], trials=2, timer=cheap_timer,
+                     storage=f"journal:{cache_dir / 'j.log'}")
+    (r,) = report.results
+    assert r.key.T_bucket == 1 and r.trials_run == 2 and r.config is not None
+    # what ops.step asks for: T = 1
+    assert mf._config_lookup(mf.zoo.mamba2, ShapeKey("step", "fp32", 1, 1, 1, 16, 16)) == r.config
