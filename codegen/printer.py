@@ -117,8 +117,8 @@ def _sign(x):
 
 @helper
 def _pow(x, y):
-    # x ** y for a base of unknown sign: |x| ** y, negated for a negative base and an
-    # odd integer exponent, NaN for a negative base and a fractional exponent (as torch.pow)
+    # x ** y, y a tensor, for a base of unknown sign: |x| ** y, negated for a negative base
+    # and an odd integer exponent, NaN for a negative base and a fractional exponent (as torch.pow)
     m = tl.exp2(y * tl.log2(tl.abs(x)))
     odd = tl.abs(y - 2.0 * tl.floor(y * 0.5)) == 1.0
     whole = y == tl.floor(y)
@@ -247,8 +247,13 @@ class TritonPrinter:
             if base == 2:
                 return f"tl.exp2({self._print(e)})"
             return f"tl.exp2({self._wrap(e, 'factor')} * {_number(sympy.log(base, 2))})"
-        if base.is_positive:
+        if base.is_positive or (e.is_Number and not e.is_Integer):
+            # a fractional power of a negative number is NaN, as in torch.pow; log2 gives just that
             return f"tl.exp2({self._wrap(e, 'factor')} * tl.log2({self._print(base)}))"
+        if e.is_Integer:
+            # a large integer power: |x| ** n, with the sign of x for odd n
+            mag = f"tl.exp2({_number(e)} * tl.log2(tl.abs({self._print(base)})))"
+            return mag if int(e) % 2 == 0 else f"_sign({self._print(base)}) * {mag}"
         return f"_pow({self._print(base)}, {self._print(e)})"
 
     def _print_piecewise(self, expr: sympy.Piecewise) -> str:
