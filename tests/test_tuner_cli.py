@@ -147,3 +147,20 @@ def test_nothing_tunes_at_run_time_unless_asked(cache_dir, monkeypatch):
     # cached: a new process (a new lookup) finds it without tuning again
     assert TunedLookup()(mf.zoo.gla, ShapeKey("chunk_fwd", "fp32", 2, 50, 2, 16, 16)) == cfg
     assert len(made) == 1
+
+
+def test_a_tune_cut_short_by_its_timeout_resumes_instead_of_hitting_the_cache(cache_dir, tmp_path, monkeypatch):
+    from mixforge.tuner.testing import SyntheticObjective
+
+    root, made = cache_dir
+    monkeypatch.setattr(api, "make_objective",
+                        lambda *a, **k: made.append(o := SyntheticObjective(sleep=lambda c: 0.3)) or o)
+    storage = f"journal:{tmp_path / 'j.log'}"
+    first = mf.tune(mf.zoo.gla, (2, 64, 2, 16, 16), "fp32", kernels=["chunk_fwd"], trials=20, timeout=1.0,
+                    storage=storage)
+    (r,) = first.results
+    assert r.stop_reason == "timeout" and 0 < r.trials_run < 20 and r.config is not None
+    again = mf.tune(mf.zoo.gla, (2, 64, 2, 16, 16), "fp32", kernels=["chunk_fwd"], trials=r.trials_run + 2,
+                    storage=storage)
+    (r2,) = again.results
+    assert not r2.cache_hit and r2.trials_run == 2 and r2.study_trials == r.trials_run + 2

@@ -155,10 +155,12 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
                              trials_rejected=rep.new_rejected, study_trials=rep.evaluated, study_name=name,
                              stop_reason=rep.stop_reason, report=rep, wall_s=time.perf_counter() - t0)
             if rep.best_config is not None:
+                # a study stopped short (timeout) records what it reached: the same tune again resumes it
+                finished = rep.stop_reason in ("target reached", "space exhausted", "grid done")
                 cache.put(key, rep.best_config, rep.best_ms, baseline_ms=base_ms, mixer_name=mixer.name,
                           shape=list(run_shape.astuple()), study=name, torch=torch.__version__,
-                          trials={"target": target, "evaluated": rep.evaluated, "complete": rep.complete,
-                                  "failed": rep.failed, "rejected": rep.rejected})
+                          trials={"target": target if finished else rep.evaluated, "evaluated": rep.evaluated,
+                                  "complete": rep.complete, "failed": rep.failed, "rejected": rep.rejected})
             results.append(r)
     default_lookup().invalidate()
     return TuneReport(mixer.name, dt, results)
