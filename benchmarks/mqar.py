@@ -22,7 +22,7 @@ cosine); accuracy is measured on a fixed held-out set at the query positions.
 Writes `mqar_<mixer>.json` (device, torch, triton, date, mixer, steps,
 accuracy, wall time, config, curve), and unless `--no-checkpoint`
 `mqar_<mixer>.pt` and `mqar_<mixer>_attention.png` (per-head implicit
-attention of the last layer on one held-out sequence, where recall shows as
+attention of every layer on one held-out sequence, where recall shows as
 weight from each query position onto the value that followed its key).
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ class MQARConfig:
 
     @classmethod
     def tiny(cls, **kw) -> "MQARConfig":
-        """Small enough for a CPU: vocabulary 64, length 32, 4 pairs, d_model 32."""
-        base = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, d_model=32, num_heads=2, batch_size=16, steps=100,
-                    lr=3e-3, eval_examples=64, eval_every=50)
+        """Small enough for a CPU: vocabulary 64, length 32, 4 pairs, d_model 64 (softmax recalls in ~300 steps)."""
+        base = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, d_model=64, num_heads=2, batch_size=16, steps=300,
+                    lr=3e-3, eval_examples=256, eval_every=100)
         base.update(kw)
         return cls(**base)
 
@@ -342,24 +342,39 @@ def example_sequence(cfg: MQARConfig, device="cpu"):
     return x, y
 
 
-def plot_checkpoint_attention(model: MQARModel, cfg: MQARConfig, out, *, layer: int = -1, heads=None,
+def plot_checkpoint_attention(model: MQARModel, cfg: MQARConfig, out, *, layer: int | None = None, heads=None,
                               device="cpu", T: int | None = None):
-    """Per-head attention of one layer on a held-out sequence, with the query positions marked."""
+    """Per-head attention on a held-out sequence: every layer (default) or one; queries marked.
+
+    Each query row is marked on the left and the position of its answer (the
+    value token that followed the queried key) is circled: a layer that does the
+    recall puts its weight on the circles.
+    """
     from mixforge.plotting import plot_attention_map
 
-    layer = layer % len(model.blocks)
+    layers = list(range(len(model.blocks))) if layer is None else [layer % len(model.blocks)]
     x, y = example_sequence(cfg, device)
     if T is not None:
         x, y = x[:, :T], y[:, :T]
-    h = model.hidden_before(x, layer).float()
-    mixer = model.blocks[layer].mixer
+    maps, labels = [], []
+    for li in layers:
+        mixer = model.blocks[li].mixer
+        M = mixer.attention_map(model.hidden_before(x, li).float()).detach().double().cpu()   # [1, H, T, T]
+        hs = list(range(M.shape[1])) if heads is None else list(heads)
+        bad = [h for h in hs if not 0 <= h < M.shape[1]]
+        if bad:
+            raise ValueError(f"heads {bad} out of range: the model has {M.shape[1]} heads")
+        maps.append(M[:, hs])
+        labels += [f"layer {li}, head {h}" for h in hs]
     queries = (y[0] != IGNORE).nonzero().flatten().tolist()
     # where each query's answer sits: the value token (its label) in the key-value context
     context = x[0, :2 * cfg.num_kv_pairs].tolist()
     points = [(t, context.index(int(y[0, t]))) for t in queries if int(y[0, t]) in context]
-    name = getattr(getattr(mixer, "mixer", None), "name", "softmax")
-    return plot_attention_map(mixer, h, heads=heads, out=out, marks=queries, points=points,
-                              title=f"MQAR {name}: layer {layer}; queries marked, their values circled")
+    first = model.blocks[0].mixer
+    name = getattr(getattr(first, "mixer", None), "name", "softmax")
+    return plot_attention_map(torch.cat(maps, 1), heads=list(range(len(labels))), labels=labels, out=out,
+                              marks=queries, points=points, max_cols=max(2, len(maps[0][0])),
+                              title=f"MQAR {name}: queries marked, the positions of their answers circled")
 
 
 # --------------------------------------------------------------------------- CLI

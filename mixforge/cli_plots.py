@@ -2,7 +2,7 @@
 
     mixforge attention-map gla --out gla.png [--T 64] [--heads 0,1] [--decay strong]
     mixforge attention-map examples/my_mixer.py:my_mixer --out mine.png
-    mixforge attention-map --checkpoint results/mqar_gla.pt --out recall.png [--layer -1]
+    mixforge attention-map --checkpoint results/mqar_gla.pt --out recall.png [--layer 0]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                    help="how strong the random inputs make the decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="an MQAR checkpoint (python -m benchmarks.mqar) to draw instead")
-    p.add_argument("--layer", type=int, default=-1, help="which layer of the checkpoint (default: the last)")
+    p.add_argument("--layer", type=int, default=None, help="which layer of the checkpoint (default: all)")
     p.set_defaults(func=_cmd_attention_map)
 
 
@@ -85,7 +85,8 @@ def _cmd_attention_map(args) -> int:
             plot_checkpoint_attention(model, cfg, args.out, layer=args.layer, heads=heads, T=T)
         except ValueError as e:
             raise CallError(str(e)) from None
-        print(f"wrote {args.out}  (checkpoint {args.checkpoint}, layer {args.layer % cfg.n_layers})")
+        which = "all layers" if args.layer is None else f"layer {args.layer % cfg.n_layers}"
+        print(f"wrote {args.out}  (checkpoint {args.checkpoint}, {which})")
         return 0
     if not args.spec:
         raise CallError("attention-map needs a SPEC (zoo name, file.py:NAME, spec.json) or --checkpoint")

@@ -159,10 +159,9 @@ def gpu_benchmark(mixer: Mixer, other: Mixer, shape=(4, 2048, 8, 64, 64), tune_b
         except Exception as e:  # tuning is a bonus; the timings below still run
             out["tune"] = {"error": f"{type(e).__name__}: {e}"}
         log(f"tuned {mixer.name}: {out['tune']}")
-    lookup = getattr(mf, "_config_lookup", None)
     rows = {}
     for m in (mixer, other):
-        ops = mf.compile(m, config_lookup=lookup) if lookup else mf.compile(m)
+        ops = mf.compile(m)                   # uses the configs just tuned
         x = random_inputs(m, B=B, T=T, H=H, K=K, V=V, dtype=torch.bfloat16, device="cuda", seed=0,
                           requires_grad=True)
         def fwd():
@@ -251,8 +250,7 @@ def run_demo(out_dir: str = "mixforge-demo", quick: bool = False, console=None) 
                 advance(name)
         else:
             t0 = time.perf_counter()
-            lookup = getattr(mf, "_config_lookup", None)
-            ops = compile_fn(mixer, config_lookup=lookup) if lookup else compile_fn(mixer)
+            ops = compile_fn(mixer)       # the front door hands it the tuned-config lookup
             import ast
 
             tree = ast.parse(ops.source())

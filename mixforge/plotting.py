@@ -54,13 +54,14 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
                        out: str | Path | None = None, batch: int = 0, title: str | None = None,
                        marks: Sequence[int] | None = None, points: Sequence[tuple[int, int]] | None = None,
                        cu_seqlens=None, scale=None, clip: float = 0.995,
-                       max_cols: int = 4, dpi: int = 120):
+                       max_cols: int = 4, dpi: int = 120, labels: Sequence[str] | None = None):
     """Draw per-head heatmaps; save to `out` (PNG, SVG, PDF by suffix) if given. Returns the Figure.
 
     source/inputs: (Mixer or zoo name, dict of its tensors), (MixerLayer, x), or (tensor [B,H,T,T], None).
     heads: which heads (default all, at most 16); batch: which sequence of the batch.
     marks: rows to mark (for example MQAR's query positions).
     points: (t, s) entries to circle (for example where each MQAR query should look).
+    labels: panel titles, one per drawn head (default "head h").
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -91,6 +92,8 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
         cmap, vmin, vmax = "viridis", 0.0, lim
 
     n = len(heads)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels: expected {n} titles (one per drawn head), got {len(labels)}")
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(3.2 * cols + 1.0, 3.1 * rows + (0.5 if title else 0.2)), dpi=dpi)
@@ -106,7 +109,7 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
             continue
         data = np.ma.array(A[i], mask=future | ~np.isfinite(A[i]))
         im = ax.imshow(data, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
-        ax.set_title(f"head {heads[i]}", fontsize=9)
+        ax.set_title(labels[i] if labels is not None else f"head {heads[i]}", fontsize=9)
         ax.tick_params(labelsize=7)
         if i % cols == 0:
             ax.set_ylabel("output position t", fontsize=8)

@@ -71,6 +71,10 @@ def test_bad_requests_are_refused():
         mf.plot_attention_map(mf.zoo.gla, torch.zeros(1))
     with pytest.raises(TypeError, match="cannot draw"):
         mf.plot_attention_map(object(), None)
+    with pytest.raises(ValueError, match="labels"):
+        mf.plot_attention_map(torch.rand(1, 2, 4, 4), labels=["one"])
+    fig = mf.plot_attention_map(torch.rand(1, 2, 4, 4), labels=["layer 0, head 0", "layer 1, head 0"])
+    assert [ax.get_title() for ax in fig.axes if ax.images] == ["layer 0, head 0", "layer 1, head 0"]
 
 
 def test_cli_attention_map(tmp_path, capsys):
