@@ -562,6 +562,10 @@ def main(argv=None) -> int:
     env = environment()
     log(f"{env['device']} (cc {env['cc']}), torch {env['torch']}, triton {env['triton']}; shape {setup.shape} "
         f"{setup.dtype}; out {setup.out}")
+    if args.report_only and setup.load_phase("environment"):
+        env = {**setup.load_phase("environment"), "reported_on": env}  # the machine that measured
+    elif not args.dry_run and not args.report_only:
+        setup.save_phase("environment", env)
     if args.dry_run:
         for m in setup.mixers:
             for k in setup.kernels:
