@@ -47,5 +47,5 @@ __all__ = [
     "Bonus", "CallError", "Input", "Mixer", "Param", "SpecError", "attention_map", "functions", "h",
     "load_mixer", "reference", "s", "t", "value", "zoo",
     "MixerLayer", "MixerState", "plot_attention_map",
-    "tune",
+    "compile", "tune",
 ]
