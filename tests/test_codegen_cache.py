@@ -9,6 +9,13 @@ import pytest
 from mixforge.codegen import cache
 
 SOURCE = "X = 1\n"
+# subprocesses load cache.py on its own (stdlib, filelock, platformdirs): no torch import to wait for
+LOAD_CACHE = textwrap.dedent(f"""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cache", {cache.__file__!r})
+    cache = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cache)
+""")
 
 
 @pytest.fixture
@@ -36,8 +43,7 @@ def test_default_root_is_the_user_cache_dir(monkeypatch):
 def test_a_second_process_reuses_the_file(root):
     _, path, _ = cache.load_module("shared", SOURCE)
     mtime = path.stat().st_mtime_ns
-    script = textwrap.dedent(f"""
-        from mixforge.codegen import cache
+    script = LOAD_CACHE + textwrap.dedent(f"""
         mod, path, hit = cache.load_module("shared", {SOURCE!r})
         print(hit, path, mod.X)
     """)
@@ -56,8 +62,7 @@ def test_a_corrupt_file_is_reported_and_regenerated(root):
 
 
 def test_concurrent_writers_leave_one_intact_file(root):
-    script = textwrap.dedent("""
-        from mixforge.codegen import cache
+    script = LOAD_CACHE + textwrap.dedent("""
         for _ in range(20):
             cache.write_module("race", "Y = 2\\n" * 5000)
     """)

@@ -5,7 +5,7 @@ example generates, caches and loads its own module, so the number of examples is
 active hypothesis profile's (conftest.py: dev, ci, thorough).
 """
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mixforge as mf
@@ -24,6 +24,9 @@ def calls(draw):
     H = 2
     G = draw(st.sampled_from([1, 2]))
     K, V = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    # a layer norm of a row that is constant over V (a scalar fv, or V = 1) is 0 up to rounding:
+    # y and the gate's gradient are pure noise, nothing to compare
+    assume(not (m.norm == "layer" and (V == 1 or m.classes["fv"] != "value")))
     T = draw(st.integers(1, 9))
     varlen = draw(st.booleans())
     B = 1 if varlen else draw(st.integers(1, 2))
