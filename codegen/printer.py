@@ -11,7 +11,7 @@ nothing overflows for large |x|, and log1p keeps its accuracy near 0. The
 helpers use only `tl` functions that exist in Triton 3.4 and newer, under the
 interpreter and on CUDA.
 
-`print_block` runs `sympy.cse` over several expressions at once, so a
+`print_cse` runs `sympy.cse` over several expressions at once, so a
 subexpression shared by maps (Mamba's softplus(dt + b) feeds fk and fa) or by
 partial derivatives is computed once.
 """
@@ -304,14 +304,6 @@ def print_cse(exprs: Iterable[sympy.Expr], names: Mapping[sympy.Symbol, str], pr
         lines.append(f"{sym.name} = {printer.doprint(sub)}")
         printer.names[sym] = sym.name
     return lines, [printer.doprint(e) for e in reduced]
-
-
-def print_block(targets: Iterable[tuple[str, sympy.Expr]], names: Mapping[sympy.Symbol, str],
-                prefix: str) -> list[str]:
-    """Lines `target = expr` for (target, expr) pairs, with shared subexpressions computed once."""
-    targets = list(targets)
-    lines, codes = print_cse([e for _, e in targets], names, prefix)
-    return lines + [f"{target} = {code}" for (target, _), code in zip(targets, codes)]
 
 
 def supported_functions() -> set[str]:
