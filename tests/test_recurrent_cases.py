@@ -144,3 +144,16 @@ def test_empty_sequence_batch():
     torch.testing.assert_close(S, S0[0])
     (S.sum() + z.sum()).backward()
     assert torch.equal(S0[0].grad, torch.ones_like(S0[0]))
+
+
+def test_parameters_inside_the_bonus_term_and_a_position_dependent_decay():
+    """Bonus-term parameters get do * dterm/dp from the chain kernel (s recomputed there); t in the decay."""
+    from mixforge import Bonus, Input, Mixer, Param, s, t, value
+    from mixforge.functions import exp, logsigmoid, sigmoid
+
+    q, k, a, v = Input("q"), Input("k"), Input("a"), Input("v", dim="value")
+    pb, pbh = Param("pb", dim="value"), Param("pbh", dim=None)
+    mixer = Mixer("bonus_params", fq=q, fk=k, fv=v, fa=logsigmoid(a) / (1 + t), inclusive=False,
+                  bonus=Bonus(weight=exp(Param("u")), term=sigmoid(s) * value * exp(pb) + pbh * value))
+    x = random_inputs(mixer, B=1, T=7, H=2, K=5, V=4, seed=16)
+    check_call(mixer, mf.compile(mixer).recurrent, x, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32))
