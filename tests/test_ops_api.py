@@ -1,5 +1,6 @@
 """MixerOps: call validation (before any kernel runs), sources, the module cache path, custom ops."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -176,3 +177,18 @@ def test_gradients_with_any_strides():
     (y_ref.sum() + S_ref.sum() + z_ref.sum()).backward()
     for k in x:
         assert_close(x[k].grad, x64[k].grad, f"d{k}")
+
+
+def test_chunk_falls_back_to_the_recurrent_path_with_one_warning(monkeypatch):
+    from mixforge.codegen import ops as ops_module
+
+    monkeypatch.setattr(ops_module, "_chunk_available", lambda: False)
+    monkeypatch.setattr(ops_module, "_warned_no_chunk", False)
+    ops, x = ops_for("gla"), _gla()
+    with pytest.warns(UserWarning, match="runs the recurrent kernels"):
+        y, _ = ops.chunk(**x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2, _ = ops.chunk(**x)
+    torch.testing.assert_close(y, ops.recurrent(**x)[0])
+    torch.testing.assert_close(y, y2)
