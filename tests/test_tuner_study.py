@@ -243,3 +243,27 @@ def test_two_processes_fill_one_study_without_running_a_trial_twice(tmp_path):
         configs = [repr(sp.config(t.params)) for t in evaluated]
         assert len(configs) == len(set(configs))
         assert len({t.user_attrs["worker"] for t in evaluated}) == 2
+
+
+def test_workers_racing_for_one_config_never_both_run_it():
+    """Two workers (threads here: tight interleavings) write their params and read each other's in any order."""
+    import threading
+
+    sp = small_space()
+    for rep in range(3):
+        storage = optuna.storages.InMemoryStorage()
+        open_study("race", storage, seed=0)
+        runs = {}
+
+        def work(seed):
+            obj = SyntheticObjective(sleep=lambda c: 0.002)
+            optimize(open_study("race", storage, seed=seed), sp, obj, n_trials=16)
+            runs[seed] = obj.calls
+
+        threads = [threading.Thread(target=work, args=(s + 10 * rep,)) for s in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        a, b = runs.values()
+        assert not set(a) & set(b), f"a config ran in both workers (round {rep})"

@@ -11,7 +11,9 @@ fill one study:
   told PRUNED (user attr skipped="invalid") and never built;
 * a config that some other trial already ran (or is running) is told PRUNED
   (skipped="duplicate"): a config is never run twice. Of two concurrent trials
-  with equal params, the lower trial number runs, so no order of events runs both;
+  with equal params, the lower trial number runs, so no order of events runs both
+  (`_claim`: a trial claims its config only after the later trials that might
+  still take it have decided);
 * an exception while building or running is a FAIL with user attr reason
   (compile_error, out_of_resources, out_of_memory, timeout, error, cuda_error);
 * outputs that differ from the trusted ones are a FAIL with reason
@@ -293,11 +295,56 @@ def _cfg_of(t, space: SearchSpace) -> Optional[KernelConfig]:
     return None
 
 
+def _queued_cfg(t, space: SearchSpace) -> Optional[KernelConfig]:
+    """The config of a trial, WAITING ones included (Optuna keeps an enqueued trial's params aside until
+    it is asked)."""
+    cfg = _cfg_of(t, space)
+    if cfg is None and t.state == TrialState.WAITING:
+        fixed = t.system_attrs.get("fixed_params") or {}
+        try:
+            if all(a in fixed for a in space.axes):
+                return space.config(fixed)
+        except (TypeError, ValueError):
+            pass
+    return cfg
+
+
 def _ran(t) -> bool:
     """Did this trial run its config (or is it running it)? Such a config is never run again."""
     if t.state in (TrialState.COMPLETE, TrialState.RUNNING):
         return True
     return t.state == TrialState.FAIL and t.user_attrs.get("reason") in DEFINITIVE_FAILS
+
+
+#: how long a trial waits for a later trial with the same config (another worker's) to decide
+CLAIM_WAIT_S = 10.0
+
+
+def _claim(study: optuna.Study, space: SearchSpace, trial, cfg: KernelConfig) -> Optional[str]:
+    """Claim `cfg` for `trial` (user attr "claimed"), or say which trial has it.
+
+    Workers write a trial's params, then read the others', in any interleaving. So a trial gives
+    way to a finished one, a running one with a lower number, and a claimed one; and when a later
+    trial with the same config is still deciding, it waits for that decision (that trial either saw
+    this one and gives way, or claimed first). Of two concurrent trials, whichever reads second sees
+    the other's params, so they never both run. Waits only go to higher numbers: no cycle. A later
+    trial that never decides (its worker died) makes this one give way after CLAIM_WAIT_S.
+    """
+    give_up = time.monotonic() + CLAIM_WAIT_S
+    while True:
+        pending = None
+        for t in study.get_trials(deepcopy=False):
+            if t.number == trial.number or not _ran(t) or _cfg_of(t, space) != cfg:
+                continue
+            if t.state != TrialState.RUNNING or t.number < trial.number or t.user_attrs.get("claimed"):
+                return f"duplicate of trial {t.number}"
+            pending = t.number
+        if pending is None:
+            trial.set_user_attr("claimed", True)
+            return None
+        if time.monotonic() >= give_up:
+            return f"duplicate of trial {pending} (undecided)"
+        time.sleep(0.01)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -416,7 +463,7 @@ def optimize(study: optuna.Study, space: SearchSpace, objective: Objective, *, n
     objective.trusted_outputs()
 
     # the queue: the baseline first, then (grid) every config not yet present
-    present = {c for t in study.get_trials(deepcopy=False) if (c := _cfg_of(t, space)) is not None
+    present = {c for t in study.get_trials(deepcopy=False) if (c := _queued_cfg(t, space)) is not None
                and (t.state == TrialState.WAITING or _ran(t))}
     queue = ([baseline] if baseline is not None and baseline in valid else []) + (grid_cfgs if grid else [])
     for cfg in queue:
@@ -461,15 +508,7 @@ def optimize(study: optuna.Study, space: SearchSpace, objective: Objective, *, n
                 held = None
                 stop = "grid done"
                 break
-            skip = None
-            if cfg not in valid:
-                skip = "invalid"
-            else:
-                for t in study.get_trials(deepcopy=False):
-                    if t.number != held.number and _ran(t) and _cfg_of(t, space) == cfg and \
-                            (t.state != TrialState.RUNNING or t.number < held.number):
-                        skip = f"duplicate of trial {t.number}"
-                        break
+            skip = "invalid" if cfg not in valid else _claim(study, space, held, cfg)
             if skip:
                 held.set_user_attr("skipped", skip)
                 study.tell(held, state=TrialState.PRUNED)
