@@ -12,13 +12,16 @@ from mixforge.codegen.config import KernelConfig
 from .cache import ConfigCache
 from .keys import TuneKey, dtype_name, interpret_mode, make_key
 from .lookup import default_lookup, tuning_guard
+from .precompile import default_jobs
 from .runner import Shape, make_objective
 from .space import AXES, DEFAULT_KERNELS, KERNELS, Problem, build_space, default_axes
-from .study import Objective, StudyReport, _ran, evaluate, open_study, optimize, quiet_optuna
+from .study import Compiler, Objective, StudyReport, _ran, evaluate, open_study, optimize, quiet_optuna
 
 DEFAULT_TRIALS = 50
 
 ObjectiveFactory = Callable[..., Objective]
+#: (mixer, kernel, shape, dtype, *, jobs, seed, device, callback) -> a study.Compiler (with close()), or None
+PrecompilerFactory = Callable[..., Optional[Compiler]]
 
 
 @dataclasses.dataclass
@@ -40,6 +43,10 @@ class KernelResult:
     stop_reason: str = ""
     report: Optional[StudyReport] = None
     wall_s: float = 0.0
+    jobs: int = 0                # compile workers (0: every trial compiled inline)
+    compile_wall_s: float = 0.0  # this call: parallel compilation ahead of timing
+    timing_wall_s: float = 0.0   # this call: the serial trials (inline compiles included)
+    cold_compiles: int = 0       # kernels the timing loop compiled itself (0 after a complete precompile)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -79,7 +86,9 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
          storage: Optional[str] = None, timeout: Optional[float] = None, trial_timeout: Optional[float] = 300.0,
          seed: int = 0, force: bool = False, grid: bool = False, cache: Optional[ConfigCache] = None,
          objective: Optional[ObjectiveFactory] = None, timer=None, device=None, study_suffix: str = "",
-         axes: Optional[dict] = None, callback: Optional[Callable[[dict], None]] = None) -> TuneReport:
+         axes: Optional[dict] = None, callback: Optional[Callable[[dict], None]] = None,
+         jobs: Optional[int] = None, batch: Optional[int] = None,
+         precompiler: Optional[PrecompilerFactory] = None) -> TuneReport:
     """Tune `mixer`'s kernels for `shapes` (one (B, T, H, K, V) or a list) and `dtype`; cache the best configs.
 
     kernels: default ("chunk_fwd", "chunk_bwd"). trials: the study's target number
@@ -93,6 +102,12 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
     by default the real compiled ops (runner.make_objective).
     axes: {axis: values} overriding the default values of the axes a kernel searches
     (e.g. {"num_stages": (1, 2)}); the study of a different space is a different study.
+    jobs: processes that compile candidate configs in parallel before they are timed (precompile.py);
+    default: every CPU core on a CUDA machine, none on CPU/the interpreter (nothing to compile there);
+    0 or 1: each trial compiles inline. batch: trials asked and compiled together (default `jobs`;
+    grid=True: the whole grid first, or batches of `batch`, which keep progress when `timeout` may
+    cut the run short). precompiler: a factory of the compiler (tests); by default
+    precompile.make_precompiler with the real objective, none with a custom `objective`.
     """
     from mixforge.spec import load_mixer
 
@@ -106,13 +121,16 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
         raise ValueError("trials must be >= 1")
     cache = cache or ConfigCache()
     factory = objective or make_objective
+    if precompiler is None and objective is None:
+        from .precompile import make_precompiler as precompiler
+    jobs = default_jobs() if jobs is None else max(0, int(jobs))
     notify = callback or (lambda e: None)
-    jobs = [(s, k) for s in _shapes(shapes) for k in kernels]
+    todo = [(s, k) for s in _shapes(shapes) for k in kernels]
     deadline = time.monotonic() + timeout if timeout else None
     results = []
     interp = interpret_mode()
     with quiet_optuna(), tuning_guard():
-        for i, (shape, kernel) in enumerate(jobs):
+        for i, (shape, kernel) in enumerate(todo):
             t0 = time.perf_counter()
             if kernel == "step":  # one token per call: the ops look it up with T = 1
                 shape = Shape(shape.B, 1, shape.H, shape.K, shape.V)
@@ -143,17 +161,30 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
                     "done": min(already, target), "grid_size": len(space.grid()), "study": name})
             remaining = None
             if deadline is not None:
-                remaining = max(0.0, (deadline - time.monotonic()) / (len(jobs) - i))
-            rep = optimize(study, space, obj, n_trials=target, timeout=remaining, trial_timeout=trial_timeout,
-                           grid=grid, baseline=baseline, seed=seed,
-                           callback=lambda e, kernel=kernel: notify({**e, "kernel": kernel}))
+                remaining = max(0.0, (deadline - time.monotonic()) / (len(todo) - i))
+            kernel_notify = lambda e, kernel=kernel: notify({**e, "kernel": kernel})  # noqa: E731
+            comp = None
+            if precompiler is not None:
+                comp = precompiler(mixer, kernel, run_shape, dt, jobs=jobs, seed=seed, device=device,
+                                   max_chunk=max(c.chunk for c in space.grid()), callback=lambda cfg, res, kn=kernel_notify: kn(
+                                       {"kind": "compiled_one", "config": cfg, "status": res.status}))
+            try:
+                rep = optimize(study, space, obj, n_trials=target, timeout=remaining, trial_timeout=trial_timeout,
+                               grid=grid, baseline=baseline, seed=seed, callback=kernel_notify, compiler=comp,
+                               batch=None if comp is None else batch if grid else batch or max(1, jobs))
+            finally:
+                close = getattr(comp, "close", None)
+                if close is not None:
+                    close()  # the workers' CUDA contexts go before the next kernel's study
             base_ms = rep.baseline_ms
             if base_ms is None and baseline not in set(space.grid()):
                 base_ms = _baseline_outside(study, obj, baseline, trial_timeout)
             r = KernelResult(key, kernel, shape, False, rep.best_config, rep.best_ms, baseline, base_ms,
                              grid_size=rep.grid_size, trials_run=rep.new_evaluated, trials_failed=rep.new_failed,
                              trials_rejected=rep.new_rejected, study_trials=rep.evaluated, study_name=name,
-                             stop_reason=rep.stop_reason, report=rep, wall_s=time.perf_counter() - t0)
+                             stop_reason=rep.stop_reason, report=rep, wall_s=time.perf_counter() - t0,
+                             jobs=jobs if comp is not None else 0, compile_wall_s=rep.compile_wall_s,
+                             timing_wall_s=rep.timing_wall_s, cold_compiles=rep.cold_compiles)
             if rep.best_config is not None:
                 # a study stopped short (timeout) records what it reached: the same tune again resumes it
                 finished = rep.stop_reason in ("target reached", "space exhausted", "grid done")

@@ -20,6 +20,16 @@ fill one study:
   "wrong_result" and rejected=True (this routes around miscompiles);
 * only COMPLETE trials are ever chosen, so failed and rejected configs never win.
 
+Compilation ahead of timing (`compiler`, see precompile.py): a Triton config
+takes 20-100 s to compile on an H100, and the timing loop is serial (one GPU).
+With a compiler, `optimize` asks `batch` trials at once (TPE's constant liar
+sees the ones still running), compiles their configs in parallel, then times
+them one by one, each now a Triton cache hit; the grid path compiles every
+queued config first. A config that does not compile is told FAIL with the
+compiler's reason (compile_error, out_of_resources) and never timed; one the
+compiler could not judge (it ran out of time, a worker died) is timed as
+without a compiler, compiling inline.
+
 `n_trials` is the study's target number of evaluated trials (complete, failed,
 rejected, or running elsewhere), not a per-call increment: an interrupted tune
 resumes where it stopped, and workers sharing a study stop together.
@@ -49,7 +59,7 @@ from .space import SearchSpace
 
 Runner = Callable[[KernelConfig, dict], tuple[Any, float]]
 
-#: FAIL reasons that mean "this config ran and lost"; other FAILs (interrupted, stale) may be retried
+#: FAIL reasons that mean "this config ran and lost"; other FAILs (interrupted, stale, deadline) may be retried
 DEFINITIVE_FAILS = ("compile_error", "out_of_resources", "out_of_memory", "timeout", "error", "cuda_error",
                     "wrong_result", "bad_timing")
 TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 2e-2}
@@ -58,6 +68,30 @@ MAX_CONSECUTIVE_SKIPS = 40
 
 class TrialTimeout(Exception):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileResult:
+    """What a compiler (precompile.Precompiler, or a test's stand-in) says about one config.
+
+    status "ok": compiled (the timing run finds it in Triton's cache); "failed": the
+    config does not compile, `reason` compile_error or out_of_resources, `error` the
+    message: told FAIL without timing; "unknown": not judged (out of time, a worker
+    failed for a reason that is not the config's): timed as usual, compiling inline.
+    """
+
+    status: str
+    reason: Optional[str] = None
+    error: Optional[str] = None
+    seconds: float = 0.0      # the worker's compile time for this config
+
+    def __post_init__(self):
+        if self.status not in ("ok", "failed", "unknown"):
+            raise ValueError(f"unknown compile status {self.status!r}")
+
+
+#: compiler(configs, timeout_s or None) -> {config: CompileResult}; a config left out is "unknown"
+Compiler = Callable[[list, Optional[float]], "dict[KernelConfig, CompileResult]"]
 
 
 class TunerAbort(RuntimeError):
@@ -394,6 +428,14 @@ class StudyReport:
     new_rejected: int = 0
     stop_reason: str = ""
     history: list = dataclasses.field(default_factory=list)
+    # this call's wall time compiling ahead (the parallel precompile) and timing (serial trials, each
+    # compiling inline what was not precompiled); kernels the timing loop compiled itself
+    compile_wall_s: float = 0.0
+    timing_wall_s: float = 0.0
+    compiled: int = 0            # configs the compiler built
+    compile_failed: int = 0      # configs that do not compile (told FAIL, never timed)
+    compile_unknown: int = 0     # configs the compiler could not judge (timed as usual)
+    cold_compiles: int = 0
 
     @property
     def evaluated(self) -> int:
@@ -427,6 +469,8 @@ def summarize(study: optuna.Study, space: SearchSpace, baseline: Optional[Kernel
             history.append({"number": t.number, "state": t.state.name, "time_ms": t.value,
                             "reason": t.user_attrs.get("reason"), "rejected": bool(t.user_attrs.get("rejected")),
                             "rel_err": t.user_attrs.get("rel_err"), "worker": t.user_attrs.get("worker"),
+                            "wall_s": t.user_attrs.get("wall_s"), "compile_s": t.user_attrs.get("compile_s"),
+                            "cold_compiles": t.user_attrs.get("cold_compiles"),
                             "config": cfg.to_dict() if cfg else None})
     return StudyReport(study_name=study.study_name, grid_size=len(space.grid()),
                        best_config=_cfg_of(best, space) if best else None, best_ms=best.value if best else None,
@@ -439,18 +483,29 @@ def optimize(study: optuna.Study, space: SearchSpace, objective: Objective, *, n
              timeout: Optional[float] = None, trial_timeout: Optional[float] = None, grid: bool = False,
              baseline: Optional[KernelConfig] = None, seed: int = 0,
              callback: Optional[Callable[[dict], None]] = None, stale_after_s: Optional[float] = None,
-             max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS) -> StudyReport:
+             max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, compiler: Optional[Compiler] = None,
+             batch: Optional[int] = None) -> StudyReport:
     """Fill `study` until it holds `n_trials` evaluated trials (or the grid is done, or `timeout` passes).
 
     grid=True enqueues every valid config and runs the queue (n_trials is then the grid size).
     `baseline` (the heuristic config) is enqueued first when it is in the grid.
-    `callback(event)` sees {'kind': 'trial'|'skip'|'stop', ...} after each step (progress bars).
+    `callback(event)` sees {'kind': 'trial'|'skip'|'compile'|'compiled'|'stop', ...} after each step
+    (progress bars).
+    compiler: compiles configs ahead of timing (module docstring): `batch` trials are asked, their
+    configs compiled together, then timed one by one. batch None: the whole grid at once (grid=True
+    with a compiler), else 1 (without a compiler each config compiles inside its own trial).
     """
     start = time.perf_counter()
     deadline = start + timeout if timeout else None
     grid_cfgs = space.grid()
     if not grid_cfgs:
         raise ValueError(f"the search space of {space.kernel} is empty: every config was pruned")
+    if batch is None:
+        # the whole grid first keeps every compile worker busy to the end (each batch boundary idles
+        # some); a smaller batch keeps progress when a time limit may cut the run short
+        batch = len(grid_cfgs) if grid and compiler is not None else 1
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
     choices = {a: space.choices(a) for a in space.axes}
     valid = set(grid_cfgs)
     worker = _worker_id()
@@ -471,82 +526,174 @@ def optimize(study: optuna.Study, space: SearchSpace, objective: Objective, *, n
             study.enqueue_trial(space.params(cfg), user_attrs={"enqueued": "grid" if grid else "baseline"})
             present.add(cfg)
 
+    stats = {"compile_wall_s": 0.0, "timing_wall_s": 0.0, "compiled": 0, "compile_failed": 0,
+             "compile_unknown": 0, "cold_compiles": 0}
+    verdicts: dict[KernelConfig, CompileResult] = {}   # the compiler's word on each config, this call
+
+    def precompile(cfgs: list) -> None:
+        todo = [c for c in dict.fromkeys(cfgs) if c not in verdicts]
+        if compiler is None or not todo:
+            return
+        left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        notify({"kind": "compile", "n": len(todo)})
+        t0 = time.perf_counter()
+        try:
+            got = compiler(todo, left)
+        finally:
+            stats["compile_wall_s"] += time.perf_counter() - t0
+        for c in todo:
+            v = got.get(c) or CompileResult("unknown")
+            verdicts[c] = v
+            key = {"ok": "compiled", "failed": "compile_failed", "unknown": "compile_unknown"}[v.status]
+            stats[key] += 1
+        notify({"kind": "compiled", "n": len(todo), "wall_s": time.perf_counter() - t0,
+                "failed": sum(verdicts[c].status == "failed" for c in todo)})
+
     new_eval = new_fail = new_rej = 0
     skips = 0
-    stop = ""
-    held = None
-    try:
+    held: list = []   # (trial, config): asked, not yet told; told FAIL "interrupted" if this call is stopped
+
+    def fill() -> str:
+        """Ask trials into `held` until the batch is full (""), or say why no more should be asked."""
+        nonlocal skips
         while True:
             trials = study.get_trials(deepcopy=False)
-            ran = [t for t in trials if _ran(t)]
+            ran = [t for t in trials if _ran(t)]           # held trials are RUNNING: counted here
             ran_cfgs = {_cfg_of(t, space) for t in ran}
             if len(ran) >= n_trials:
-                stop = "target reached"
-                break
+                return "target reached"
             if len(ran_cfgs & valid) >= len(valid):
-                stop = "space exhausted"
-                break
+                return "space exhausted"
             if deadline is not None and time.perf_counter() >= deadline:
-                stop = "timeout"
-                break
+                return "timeout"
             waiting = [t for t in trials if t.state == TrialState.WAITING]
             if grid and not waiting:
-                stop = "grid done"
-                break
+                return "grid done"
+            if len(held) >= batch:
+                return ""
             if skips >= max_consecutive_skips and not waiting:
                 untried = [c for c in grid_cfgs if c not in ran_cfgs]
                 study.enqueue_trial(space.params(rng.choice(untried)), user_attrs={"enqueued": "fallback"})
                 skips = 0
                 continue
 
-            held = study.ask()
-            params = {a: held.suggest_categorical(a, choices[a]) for a in space.axes}
+            trial = study.ask()
+            held.append((trial, None))   # from here on, an interruption releases it
+            params = {a: trial.suggest_categorical(a, choices[a]) for a in space.axes}
             cfg = space.config(params)
-            held.set_user_attr("worker", worker)
-            if grid and "enqueued" not in held.user_attrs:
-                study.tell(held, state=TrialState.PRUNED)
-                held = None
-                stop = "grid done"
-                break
-            skip = "invalid" if cfg not in valid else _claim(study, space, held, cfg)
+            trial.set_user_attr("worker", worker)
+            if grid and "enqueued" not in trial.user_attrs:
+                held.pop()
+                study.tell(trial, state=TrialState.PRUNED)
+                return "grid done"
+            skip = "invalid" if cfg not in valid else _claim(study, space, trial, cfg)
             if skip:
-                held.set_user_attr("skipped", skip)
-                study.tell(held, state=TrialState.PRUNED)
-                held = None
+                held.pop()
+                trial.set_user_attr("skipped", skip)
+                study.tell(trial, state=TrialState.PRUNED)
                 skips += 1
                 notify({"kind": "skip", "reason": skip, "config": cfg})
                 continue
             skips = 0
+            held[-1] = (trial, cfg)
+
+    def run_one(trial, cfg: KernelConfig) -> dict:
+        verdict = verdicts.get(cfg)
+        if verdict is not None and verdict.status == "failed":
+            # not timed: Triton does not cache failures, so building it again would cost a full compile
+            return {"state": TrialState.FAIL, "reason": verdict.reason or "compile_error",
+                    "error": (verdict.error or "")[:800], "compile_s": verdict.seconds, "precompiled": True}
+        t0 = time.perf_counter()
+        with count_cold_compiles() as cold:
             result = evaluate(objective, cfg, trial_timeout)
-            state, value = result.pop("state"), result.pop("value", None)
-            for k, v in result.items():
-                if v is not None:
-                    held.set_user_attr(k, v)
-            number = held.number
-            if state == TrialState.COMPLETE:
-                study.tell(held, value)
-            else:
-                study.tell(held, state=TrialState.FAIL)
-            held = None
-            new_eval += 1
-            new_rej += bool(result.get("rejected"))
-            new_fail += state == TrialState.FAIL and not result.get("rejected")
-            notify({"kind": "trial", "number": number, "config": cfg, "state": state.name, "time_ms": value,
-                    **result})
-            if result.get("reason") == "cuda_error":
-                raise TunerAbort(f"trial {number} ({cfg}) left the device unusable: {result.get('error')}; "
-                                 "restart the process to resume the study")
+        stats["timing_wall_s"] += time.perf_counter() - t0
+        if cold is not None:
+            result["cold_compiles"] = cold[0]   # kernels this process compiled itself (0 after a precompile)
+            stats["cold_compiles"] += cold[0]
+        if verdict is not None and verdict.status == "ok":
+            result["compile_s"] = verdict.seconds
+            result["precompiled"] = True
+        return result
+
+    stop = ""
+    try:
+        while not stop:
+            stop = fill()
+            if not held:
+                break
+            precompile([cfg for _, cfg in held])
+            while held:
+                trial, cfg = held[0]
+                if deadline is not None and time.perf_counter() >= deadline:
+                    # out of time: the rest of the batch is released (retryable), not timed
+                    for t, _ in held:
+                        t.set_user_attr("reason", "deadline")
+                        study.tell(t, state=TrialState.FAIL)
+                    held.clear()
+                    stop = "timeout"
+                    break
+                result = run_one(trial, cfg)
+                state, value = result.pop("state"), result.pop("value", None)
+                for k, v in result.items():
+                    if v is not None:
+                        trial.set_user_attr(k, v)
+                number = trial.number
+                if state == TrialState.COMPLETE:
+                    study.tell(trial, value)
+                else:
+                    study.tell(trial, state=TrialState.FAIL)
+                held.pop(0)
+                new_eval += 1
+                new_rej += bool(result.get("rejected"))
+                new_fail += state == TrialState.FAIL and not result.get("rejected")
+                notify({"kind": "trial", "number": number, "config": cfg, "state": state.name, "time_ms": value,
+                        **result})
+                if result.get("reason") == "cuda_error":
+                    raise TunerAbort(f"trial {number} ({cfg}) left the device unusable: {result.get('error')}; "
+                                     "restart the process to resume the study")
     except BaseException:
-        if held is not None:
+        for t, _ in held:
             with contextlib.suppress(Exception):
-                held.set_user_attr("reason", "interrupted")
-                study.tell(held, state=TrialState.FAIL)
+                t.set_user_attr("reason", "interrupted")
+                study.tell(t, state=TrialState.FAIL)
         raise
     report = summarize(study, space, baseline)
     report.new_evaluated, report.new_failed, report.new_rejected = new_eval, new_fail, new_rej
     report.stop_reason = stop
+    for k, v in stats.items():
+        setattr(report, k, v)
     notify({"kind": "stop", "reason": stop})
     return report
+
+
+@contextlib.contextmanager
+def count_cold_compiles():
+    """Yields [n]: kernels this process compiles (Triton cache misses) inside the block; None if unknown.
+
+    Triton's compilation listener (triton >= 3.4) reports every compile with cache_hit; after a
+    precompile every kernel of a trial should be a hit, so n > 0 shows a precompile that missed
+    (its shape or environment did not match the timing run's). Never fires under the interpreter.
+    """
+    try:
+        from triton import knobs
+
+        previous = knobs.compilation.listener
+    except Exception:  # an older Triton: no listener
+        yield None
+        return
+    count = [0]
+
+    def listener(**kw):
+        if not kw.get("cache_hit", True):
+            count[0] += 1
+        if previous is not None:
+            previous(**kw)
+
+    knobs.compilation.listener = listener
+    try:
+        yield count
+    finally:
+        knobs.compilation.listener = previous
 
 
 @contextlib.contextmanager

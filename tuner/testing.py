@@ -5,11 +5,17 @@ and a time from a smooth cost model with one optimum (plus deterministic
 jitter), so a study behaves like a real one without a GPU. Configs can be made
 to fail (raise like an out-of-resources compile) or to return wrong outputs.
 Every config it runs is appended to `calls`.
+
+`FakeCompiler` stands in for the parallel precompile (precompile.Precompiler)
+in the study: it records the batches it is given and fails chosen configs like
+a Triton compile error. `fake_compile_task` stands in for the worker's task
+inside a real spawned pool (no Triton, no GPU).
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from typing import Callable, Iterable, Optional
 
@@ -17,7 +23,7 @@ import torch
 
 from mixforge.codegen.config import KernelConfig
 
-from .study import Objective
+from .study import CompileResult, Objective
 
 
 class OutOfResources(Exception):
@@ -73,3 +79,66 @@ def matches(**fields) -> Callable[[KernelConfig], bool]:
 def any_of(preds: Iterable[Callable[[KernelConfig], bool]]) -> Callable[[KernelConfig], bool]:
     preds = list(preds)
     return lambda c: any(p(c) for p in preds)
+
+
+class FakeCompiler:
+    """A study compiler: `fail(config)` configs do not compile (reason compile_error), `unknown(config)`
+    ones are left out of the answer (not judged), the rest compile. `batches` lists every call's configs;
+    `events`, when given, gets ("compile", config) appended, to check the order against the runs."""
+
+    def __init__(self, fail: Callable[[KernelConfig], bool] = lambda c: False,
+                 unknown: Callable[[KernelConfig], bool] = lambda c: False, seconds: float = 2.5,
+                 sleep: float = 0.0, events: Optional[list] = None):
+        self.fail, self.unknown, self.seconds, self.sleep, self.events = fail, unknown, seconds, sleep, events
+        self.batches: list[list[KernelConfig]] = []
+        self.timeouts: list = []
+        self.closed = False
+
+    def __call__(self, configs, timeout=None) -> dict:
+        self.batches.append(list(configs))
+        self.timeouts.append(timeout)
+        if self.sleep:
+            time.sleep(self.sleep)
+        out = {}
+        for c in configs:
+            if self.events is not None:
+                self.events.append(("compile", c))
+            if self.unknown(c):
+                continue
+            if self.fail(c):
+                out[c] = CompileResult("failed", "compile_error", f"CompilationError: at 41:8: cannot lower ({c})",
+                                       self.seconds)
+            else:
+                out[c] = CompileResult("ok", seconds=self.seconds)
+        return out
+
+    @property
+    def compiled(self) -> list[KernelConfig]:
+        return [c for b in self.batches for c in b]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_compile_task(spec: dict, cfg: dict) -> dict:
+    """precompile._compile_task's stand-in in a spawned worker. spec lists config dicts that "fail"
+    (a compile error naming the worker's CUDA_VISIBLE_DEVICES), "raise" (a harness error), "crash" (the
+    worker dies), "hang", and "real" ones that go to the real task with spec["real_spec"] (on the CPU:
+    the objective is built and run under the interpreter); others compile after spec["sleep"] seconds."""
+    t0 = time.perf_counter()
+    if cfg in spec.get("real", []):
+        from .precompile import _compile_task
+
+        return _compile_task(spec["real_spec"], cfg)
+    if cfg in spec.get("crash", []):
+        os._exit(3)
+    if cfg in spec.get("hang", []):
+        time.sleep(3600)
+    if cfg in spec.get("raise", []):
+        raise RuntimeError("the harness broke")
+    time.sleep(spec.get("sleep", 0.0))
+    if cfg in spec.get("fail", []):
+        return {"status": "failed", "reason": "compile_error", "seconds": time.perf_counter() - t0,
+                "error": f"CompilationError in pid {os.getpid()} "
+                         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"}
+    return {"status": "ok", "seconds": time.perf_counter() - t0}
