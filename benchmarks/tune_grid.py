@@ -6,14 +6,22 @@
 
 For each mixer (GLA, Mamba-2) and kernel, at B=4, T=4096, H=16, K=V=128, bf16:
 
-1. grid: every config of the pruned space, compiled (in parallel processes
-   first, --compile-workers), timed with do_bench (median) and checked against
-   the trusted output. Kept in DIR/grid.sqlite3: a run cut short (--time-limit,
-   Ctrl-C, the 10-minute command limit) resumes where it stopped.
-2. optuna: `mixforge tune` in a fresh process, as a user runs it, with
-   --trials (default: 25% of the grid); its wall time (--cold: with an empty
-   Triton cache, so every trial compiles; default: the cache the grid filled);
-   then the identical command again, which must be a cache hit with zero trials.
+1. grid: every config of the pruned space, compiled first in --jobs parallel
+   processes (default: every CPU core on a CUDA machine; tuner/precompile.py),
+   then timed one by one with do_bench (median), each a Triton cache hit, and
+   checked against the trusted output; a config that does not compile is a
+   failed trial and is never timed. Kept in DIR/grid.sqlite3: a run cut short
+   (--time-limit, Ctrl-C, the 10-minute command limit) resumes where it stopped.
+   Under --time-limit the grid is compiled and timed in batches of 2 x --jobs
+   (--batch), so what a command compiles it also times: TRITON_CACHE_DIR dies
+   with the GPU machine, DIR/grid.sqlite3 travels. The JSON reports the compile
+   wall time and the timing wall time apart, and how many kernels the timing
+   loop still had to compile itself (0 when the precompile covered everything).
+2. optuna: `mixforge tune --jobs N` in a fresh process, as a user runs it, with
+   --trials (default: 25% of the grid), asking --jobs trials at a time and
+   compiling them together; its wall time (--cold: with an empty Triton cache,
+   so every trial compiles; default: the cache the grid filled); then the
+   identical command again, which must be a cache hit with zero trials.
 3. report: DIR/tune_grid.json (device, versions, date, every grid result,
    the Optuna trial history, trials needed to come within 3% of the grid
    optimum, tuned and default times) and DIR/tune_grid.png (Optuna's
@@ -37,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 FULL_SHAPE = (4, 4096, 16, 128, 128)
 SMOKE_SHAPE = (1, 16, 1, 16, 16)
@@ -61,8 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--shape", default=None, help="B,T,H,K,V (default 4,4096,16,128,128)")
     p.add_argument("--dtype", default=None, help="default bf16 (smoke: fp32)")
     p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2", help="override an axis' values")
-    p.add_argument("--compile-workers", type=int, default=None,
-                   help="processes that compile the grid before timing (default: min(8, cores-2) on CUDA, 0 else)")
+    p.add_argument("--jobs", "--compile-workers", dest="jobs", type=int, default=None,
+                   help="processes that compile configs in parallel before they are timed (default: the CPU "
+                        "cores on a CUDA machine, 0 with --smoke or without CUDA: compile inside each trial)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="grid configs compiled together, then timed (default: the whole grid; with --time-limit "
+                        "2 x --jobs, so a command cut short keeps what it compiled timed)")
     p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: 25%% of the grid)")
     p.add_argument("--trial-timeout", type=float, default=300.0)
     p.add_argument("--time-limit", type=float, default=None,
@@ -100,6 +113,17 @@ class Setup:
         self.grid_storage = f"sqlite:///{self.out / 'grid.sqlite3'}"
         self.phases = self.out / "phases"
         self.phases.mkdir(exist_ok=True)
+        from mixforge.tuner.precompile import default_jobs
+
+        self.jobs = args.jobs if args.jobs is not None else (0 if args.smoke else default_jobs())
+
+    def grid_batch(self):
+        """Configs compiled together before timing: the whole grid (no worker idles at a batch boundary),
+        but under a time limit batches of 2 x jobs, so what a command compiles it also times: Triton's
+        cache does not outlive the GPU machine, the grid study does."""
+        if self.args.batch is not None:
+            return self.args.batch
+        return None if self.args.time_limit is None else max(1, 2 * self.jobs)
 
     def remaining(self):
         if self.args.time_limit is None:
@@ -165,6 +189,8 @@ def history(study, space) -> list[dict]:
             rows.append({"number": t.number, "state": t.state.name, "time_ms": t.value,
                          "reason": t.user_attrs.get("reason"), "rejected": bool(t.user_attrs.get("rejected")),
                          "rel_err": t.user_attrs.get("rel_err"), "wall_s": t.user_attrs.get("wall_s"),
+                         "compile_s": t.user_attrs.get("compile_s"),
+                         "cold_compiles": t.user_attrs.get("cold_compiles"),
                          "measured_ms": t.user_attrs.get("time_ms"), "error": t.user_attrs.get("error"),
                          "worker": t.user_attrs.get("worker"), "config": cfg.to_dict() if cfg else None})
     return rows
@@ -172,10 +198,9 @@ def history(study, space) -> list[dict]:
 
 def run_grid(setup: Setup, mixer, kernel) -> dict:
     from mixforge.tuner.keys import make_key
-    from mixforge.tuner.runner import make_objective, precompile
+    from mixforge.tuner.precompile import make_precompiler
+    from mixforge.tuner.runner import make_objective
     from mixforge.tuner.study import open_study, optimize, quiet_optuna, evaluate
-
-    import torch
 
     space = space_for(setup, mixer, kernel)
     grid = space.grid()
@@ -188,40 +213,47 @@ def run_grid(setup: Setup, mixer, kernel) -> dict:
         f"{len(grid) - len(todo)} already measured")
     out = {"study": name, "grid_size": len(grid), "candidates": len(list(space.candidates())),
            "space": {a: list(space.choices(a)) for a in space.axes}, "fixed": space.fixed}
-    cw = setup.args.compile_workers
-    if cw is None:
-        cw = min(8, max(1, (os.cpu_count() or 2) - 2)) if torch.cuda.is_available() and not setup.smoke else 0
-    t0 = time.perf_counter()
-    if todo and cw > 0 and not setup.out_of_time():
-        log(f"compiling {len(todo)} configs in {cw} processes")
-        n = [0]
-
-        def tick(r):
-            n[0] += 1
-            if n[0] % 20 == 0 or n[0] == len(todo):
-                log(f"  compiled {n[0]}/{len(todo)}")
-        res = precompile(mixer, kernel, setup.shape, setup.dtype, todo, workers=cw, callback=tick,
-                         timeout=setup.remaining())
-        out["precompile"] = {"workers": cw, "configs": len(todo), "wall_s": time.perf_counter() - t0,
-                             "errors": sum(1 for _, e, _ in res if e),
-                             "median_config_s": sorted(s for _, _, s in res)[len(res) // 2] if res else None}
     obj = make_objective(mixer, kernel, setup.shape, setup.dtype)
     out["objective"] = obj.describe
-    t1 = time.perf_counter()
+    rep = None
     if todo and not setup.out_of_time():
-        with quiet_optuna():
-            n = [0]
+        n = [0, 0]
 
-            def on(e):
-                if e["kind"] == "trial":
-                    n[0] += 1
-                    if n[0] % 10 == 0:
-                        log(f"  measured {n[0]}/{len(todo)} (trial {e['number']}: {e['state']}"
-                            f"{'' if e.get('time_ms') is None else ' %.4g ms' % e['time_ms']})")
-            rep = optimize(study, space, obj, n_trials=len(grid), grid=True, timeout=setup.remaining(),
-                           trial_timeout=setup.args.trial_timeout, callback=on)
+        def compiled(cfg, res):
+            n[1] += 1
+            if n[1] % 20 == 0:
+                log(f"  compiled {n[1]} configs ({res.status}: {cfg})")
+
+        comp = make_precompiler(mixer, kernel, setup.shape, setup.dtype, jobs=setup.jobs, callback=compiled,
+                                max_chunk=max(c.chunk for c in grid))
+
+        def on(e):
+            if e["kind"] == "compile":
+                log(f"  compiling {e['n']} configs in {setup.jobs} processes")
+            elif e["kind"] == "compiled":
+                log(f"  compiled {e['n']} configs in {e['wall_s']:.1f} s, {e['failed']} do not compile")
+            elif e["kind"] == "trial":
+                n[0] += 1
+                if n[0] % 10 == 0:
+                    log(f"  measured {n[0]}/{len(todo)} (trial {e['number']}: {e['state']}"
+                        f"{'' if e.get('time_ms') is None else ' %.4g ms' % e['time_ms']})")
+        try:
+            with quiet_optuna():
+                rep = optimize(study, space, obj, n_trials=len(grid), grid=True, timeout=setup.remaining(),
+                               trial_timeout=setup.args.trial_timeout, callback=on, compiler=comp,
+                               batch=setup.grid_batch() if comp is not None else None)
+        finally:
+            if comp is not None:
+                comp.close()
         out["stop_reason"] = rep.stop_reason
-    out["measure_wall_s"] = time.perf_counter() - t1
+        out["jobs"] = setup.jobs if comp is not None else 0
+    # this command's walls: compiling (parallel, ahead) and timing (serial; inline compiles included)
+    out["compile_wall_s"] = rep.compile_wall_s if rep else 0.0
+    out["timing_wall_s"] = out["measure_wall_s"] = rep.timing_wall_s if rep else 0.0
+    if rep is not None:
+        out["precompile"] = {"jobs": out["jobs"], "wall_s": rep.compile_wall_s, "compiled": rep.compiled,
+                             "failed": rep.compile_failed, "unknown": rep.compile_unknown,
+                             "cold_compiles_while_timing": rep.cold_compiles}
     rows = history(study, space)
     out["trials"] = rows
     out["complete"] = sum(r["state"] == "COMPLETE" for r in rows)
@@ -231,6 +263,8 @@ def run_grid(setup: Setup, mixer, kernel) -> dict:
         if r["state"] == "FAIL":
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     out["failed"] = reasons
+    per = sorted(r["compile_s"] for r in rows if r.get("compile_s"))
+    out["median_compile_s"] = per[len(per) // 2] if per else None   # one config in one worker
     best = min((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["time_ms"], default=None)
     out["optimum"] = best and {"config": best["config"], "time_ms": best["time_ms"]}
     heur = space.heuristic(setup.smoke)
@@ -250,19 +284,24 @@ def run_grid(setup: Setup, mixer, kernel) -> dict:
 # --------------------------------------------------------------------------- phase 2: optuna as a user runs it
 
 def tune_cmd(setup: Setup, mixer_name: str, kernel: str, trials: int, storage: str, seed: int = 0,
-             force: bool = False) -> list[str]:
+             force: bool = False, jobs: Optional[int] = None, report_json=None) -> list[str]:
+    jobs = setup.jobs if jobs is None else jobs
     cmd = [sys.executable, "-m", "mixforge", "tune", mixer_name, "--shape", ",".join(map(str, setup.shape)),
            "--dtype", setup.dtype, "--kernels", kernel, "--trials", str(trials), "--storage", storage,
-           "--seed", str(seed), "--trial-timeout", str(setup.args.trial_timeout), *setup.axis_flags()]
+           "--seed", str(seed), "--trial-timeout", str(setup.args.trial_timeout), "--jobs", str(jobs),
+           *setup.axis_flags()]
+    if report_json:
+        cmd += ["--report-json", str(report_json)]
     return cmd + (["--force"] if force else [])
 
 
-def optuna_estimate_s(grid: dict, trials: int, cold: bool) -> float:
-    """Seconds a `mixforge tune` of `trials` should take: measurement (plus compile when cold) per trial."""
+def optuna_estimate_s(grid: dict, trials: int, cold: bool, jobs: int) -> float:
+    """Seconds a `mixforge tune` of `trials` should take: measurement per trial, plus (cold) compilation,
+    `jobs` configs at a time (one batch of `jobs` trials compiles in about one config's time)."""
     walls = sorted(r["wall_s"] for r in grid.get("trials", []) if r.get("wall_s"))
     per = walls[len(walls) // 2] if walls else 5.0
-    compile_s = ((grid.get("precompile") or {}).get("median_config_s") or 0.0) if cold else 0.0
-    return 30.0 + trials * (per + compile_s)
+    compile_s = (grid.get("median_compile_s") or 60.0) if cold else 0.0
+    return 30.0 + trials * per + compile_s * math.ceil(trials / max(1, jobs))
 
 
 def run_cmd(cmd, env) -> tuple[int, str, float]:
@@ -289,7 +328,7 @@ def run_optuna(setup: Setup, mixer, kernel: str, grid: dict):
     """The Optuna phase, or None when the time left cannot fit it (rerun later: it needs one cold run)."""
     space = space_for(setup, mixer, kernel)
     trials = setup.args.trials or max(2, math.ceil(TARGET_FRACTION * len(space.grid())))
-    need, left = optuna_estimate_s(grid, trials, setup.args.cold), setup.remaining()
+    need, left = optuna_estimate_s(grid, trials, setup.args.cold, setup.jobs), setup.remaining()
     if left is not None and left < need:
         log(f"{mixer.name} {kernel}: the Optuna phase needs ~{need:.0f} s, {left:.0f} s left; rerun to do it")
         return None
@@ -303,19 +342,26 @@ def run_optuna(setup: Setup, mixer, kernel: str, grid: dict):
     env = {**os.environ, "MIXFORGE_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore"}
     if cold:
         env["TRITON_CACHE_DIR"] = str(triton_cold)
-    cmd = tune_cmd(setup, mixer.name, kernel, trials, storage)
+    report_json = setup.out / f"tune-{mixer.name}-{kernel}.json"
+    report_json.unlink(missing_ok=True)
+    cmd = tune_cmd(setup, mixer.name, kernel, trials, storage, report_json=report_json)
     if left is not None:  # a safety net only: the estimate above said it fits
         cmd += ["--timeout", f"{max(60.0, left - 30):.0f}"]
     log(f"{mixer.name} {kernel}: {' '.join(cmd[1:])}  ({'cold' if cold else 'warm'} Triton cache)")
     rc, text, wall = run_cmd(cmd, env)
     log(f"  first tune: exit {rc}, {wall:.1f} s")
     shutil.rmtree(triton_cold, ignore_errors=True)  # compiled kernels: large, and only for this run
+    first = json.loads(report_json.read_text())["results"][0] if report_json.exists() else {}
+    log(f"  compile {first.get('compile_wall_s', 0):.1f} s ({first.get('jobs', 0)} jobs), "
+        f"timing {first.get('timing_wall_s', 0):.1f} s, kernels compiled while timing: {first.get('cold_compiles')}")
     name, rows = tpe_study_rows(storage, mixer, kernel, space)
     rc2, text2, wall2 = run_cmd(cmd, env)
     _, rows2 = tpe_study_rows(storage, mixer, kernel, space)
     hit = rc2 == 0 and "cache hit" in text2 and len(rows2) == len(rows)
     log(f"  second tune: exit {rc2}, {wall2:.1f} s, cache hit: {hit}, new trials: {len(rows2) - len(rows)}")
     out = {"command": " ".join(cmd[1:]), "trials_requested": trials, "exit": rc, "wall_s": wall,
+           "jobs": first.get("jobs"), "compile_wall_s": first.get("compile_wall_s"),
+           "timing_wall_s": first.get("timing_wall_s"), "cold_compiles": first.get("cold_compiles"),
            "cold_triton_cache": cold, "study": name, "history": rows, "output_tail": text[-3000:],
            "second_run": {"exit": rc2, "wall_s": wall2, "cache_hit": hit, "new_trials": len(rows2) - len(rows),
                           "output_tail": text2[-1500:]}}
@@ -433,7 +479,8 @@ def run_workers(setup: Setup) -> dict:
                    "TRITON_CACHE_DIR": str(triton_dir), "PYTHONWARNINGS": "ignore"}
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-            cmd = tune_cmd(setup, mixer.name, kernel, n, url, seed=i, force=True)
+            # the CPU cores are shared: each worker process gets its share of compile jobs
+            cmd = tune_cmd(setup, mixer.name, kernel, n, url, seed=i, force=True, jobs=setup.jobs // nproc)
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate()[0] for p in procs]
         wall = time.perf_counter() - t0
@@ -537,9 +584,14 @@ def summary(report: dict) -> None:
         opt = (g.get("optimum") or {}).get("time_ms")
         line = (f"{r['mixer']:8s} {r['kernel']:10s} grid {g['grid_size']} ({'done' if g.get('done') else 'partial'}),"
                 f" optimum {opt and round(opt, 4)} ms, default {g.get('heuristic', {}).get('time_ms')} ms,"
-                f" grid speedup {g.get('speedup_vs_heuristic') and round(g['speedup_vs_heuristic'], 3)}")
+                f" grid speedup {g.get('speedup_vs_heuristic') and round(g['speedup_vs_heuristic'], 3)},"
+                f" last run: compile {g.get('compile_wall_s') or 0:.0f} s ({g.get('jobs', 0)} jobs),"
+                f" timing {g.get('timing_wall_s') or g.get('measure_wall_s') or 0:.0f} s,"
+                f" compiled while timing {(g.get('precompile') or {}).get('cold_compiles_while_timing')}")
         if o:
-            line += (f" | optuna {len(o.get('history', []))} trials in {o.get('wall_s', 0):.0f} s, best "
+            line += (f" | optuna {len(o.get('history', []))} trials in {o.get('wall_s', 0):.0f} s"
+                     f" (compile {o.get('compile_wall_s') or 0:.0f} s, timing {o.get('timing_wall_s') or 0:.0f} s),"
+                     f" best "
                      f"{o.get('best_ms') and round(o['best_ms'], 4)} ms (x{o.get('best_vs_grid_optimum') and round(o['best_vs_grid_optimum'], 3)} of optimum),"
                      f" within 3% after {o.get('trials_to_within_3pct')} trials"
                      f" ({o.get('trials_to_within_3pct_grid_timing')} by grid timing), target met: {o.get('target_met')},"

@@ -34,6 +34,13 @@ def register(subparsers) -> None:
                    help="restrict or extend one axis of the search space, e.g. num_stages=1,2 (repeatable)")
     t.add_argument("--grid", action="store_true", help="run the whole pruned grid instead of TPE")
     t.add_argument("--force", action="store_true", help="tune even when the cache has an entry")
+    t.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes compiling candidate configs in parallel before they are timed (default: "
+                        "the CPU cores on a CUDA machine; 0: compile inside each trial; no effect on CPU)")
+    t.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="trials asked and compiled together (default: --jobs; the grid compiles all first)")
+    t.add_argument("--report-json", default=None, metavar="FILE",
+                   help="also write the results (configs, times, compile and timing wall times) to FILE")
     t.set_defaults(func=cmd_tune)
 
     c = subparsers.add_parser("cache", help="inspect, export, import or clear the tuned-config cache")
@@ -120,8 +127,13 @@ def cmd_tune(args) -> int:
         print(f"mixforge: error: {e}", file=sys.stderr)
         return 2
     trials = args.trials if args.trials is not None else api.DEFAULT_TRIALS
+    for flag, value in (("--jobs", args.jobs), ("--batch", args.batch)):
+        if value is not None and value < (0 if flag == "--jobs" else 1):
+            print(f"mixforge: error: {flag} must be >= {0 if flag == '--jobs' else 1}", file=sys.stderr)
+            return 2
     console = _console()
     tasks: dict = {}
+    compiling: dict = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[best]}"), console=console, transient=False) as progress:
         def on_event(e: dict) -> None:
@@ -136,6 +148,19 @@ def cmd_tune(args) -> int:
                     best = progress.tasks[tid].fields.get("best_ms")
                     if best is None or e["time_ms"] < best:
                         progress.update(tid, best_ms=e["time_ms"], best=f"best {e['time_ms']:.4g} ms")
+            elif kind == "compile":  # a batch (or the whole grid) goes to the compile workers
+                cid = compiling.get(e["kernel"])
+                if cid is None:
+                    compiling[e["kernel"]] = progress.add_task(f"  compiling {e['kernel']}", total=e["n"], best="")
+                else:
+                    progress.update(cid, total=progress.tasks[cid].total + e["n"])
+            elif kind == "compiled_one" and e["kernel"] in compiling:
+                progress.advance(compiling[e["kernel"]])
+            elif kind == "compiled" and e["kernel"] in compiling:
+                cid = compiling[e["kernel"]]  # unjudged configs (time limit) never report one by one
+                failed = progress.tasks[cid].fields.get("failed", 0) + e.get("failed", 0)
+                progress.update(cid, completed=progress.tasks[cid].total, failed=failed,
+                                best=f"{failed} do not compile" if failed else "")
             elif kind == "stop":
                 tid = tasks.get(e.get("kernel"))
                 if tid is not None and e.get("reason") != "target reached":  # grid done, timeout, exhausted
@@ -144,7 +169,8 @@ def cmd_tune(args) -> int:
         try:
             report = api.tune(mixer, shapes, args.dtype, kernels=kernels, trials=trials, storage=args.storage,
                               timeout=args.timeout, trial_timeout=args.trial_timeout, seed=args.seed,
-                              force=args.force, grid=args.grid, axes=axes or None, callback=on_event)
+                              force=args.force, grid=args.grid, axes=axes or None, callback=on_event,
+                              jobs=args.jobs, batch=args.batch)
         except TunerAbort as e:
             progress.stop()
             print(f"mixforge: tuning stopped: {e}", file=sys.stderr)
@@ -154,18 +180,27 @@ def cmd_tune(args) -> int:
             print(f"mixforge: error: {e}", file=sys.stderr)
             return 2
     table = Table(title=f"{mixer.name} ({mixer.content_hash}), {report.dtype}")
+    numeric = ("time ms", "speedup vs default", "trials run", "failed", "rejected", "compile s", "timing s")
     for col in ("kernel", "shape", "best config", "time ms", "speedup vs default", "trials run", "failed",
-                "rejected", "note"):
-        table.add_column(col, justify="right" if col in ("time ms", "speedup vs default", "trials run", "failed",
-                                                         "rejected") else "left")
+                "rejected", "compile s", "timing s", "note"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in report:
         sp = f"{r.speedup:.2f}x" if r.speedup else "-"
         note = "cache hit" if r.cache_hit else (r.stop_reason or "")
         if not r.cache_hit and r.study_trials != r.trials_run:
             note += f"; study holds {r.study_trials}"
+        if r.jobs:
+            note += f"; {r.jobs} compile jobs"
+        if r.cold_compiles:  # the timing loop compiled kernels itself: inline compiles (or a precompile miss)
+            note += f"; {r.cold_compiles} kernels compiled while timing"
+        # compile s: the parallel precompile's wall time; timing s: the serial trials' (inline compiles included)
         table.add_row(r.kernel, str(r.shape), config_text(r.config), f"{r.time_ms:.4g}" if r.time_ms else "-", sp,
-                      str(r.trials_run), str(r.trials_failed), str(r.trials_rejected), note)
+                      str(r.trials_run), str(r.trials_failed), str(r.trials_rejected),
+                      f"{r.compile_wall_s:.1f}" if r.jobs else "-",
+                      f"{r.timing_wall_s:.1f}" if not r.cache_hit else "-", note)
     console.print(table)
+    if args.report_json:
+        _write_report_json(args.report_json, mixer, report)
     if report.cache_hit:
         console.print("cache hit: every kernel already tuned for this key; 0 trials run (use --force to retune)")
     else:
@@ -175,6 +210,25 @@ def cmd_tune(args) -> int:
         console.print(f"no working config found for {', '.join(missing)}: every trial failed or was rejected")
         return 1
     return 0
+
+
+def _write_report_json(path: str, mixer, report) -> None:
+    rows = []
+    for r in report:
+        rows.append({"kernel": r.kernel, "shape": list(r.shape.astuple()), "key": str(r.key),
+                     "cache_hit": r.cache_hit, "config": r.config.to_dict() if r.config else None,
+                     "time_ms": r.time_ms, "baseline_ms": r.baseline_ms, "speedup": r.speedup,
+                     "grid_size": r.grid_size, "trials_run": r.trials_run, "trials_failed": r.trials_failed,
+                     "trials_rejected": r.trials_rejected, "study_trials": r.study_trials, "study": r.study_name,
+                     "stop_reason": r.stop_reason, "wall_s": r.wall_s, "jobs": r.jobs,
+                     "compile_wall_s": r.compile_wall_s, "timing_wall_s": r.timing_wall_s,
+                     "cold_compiles": r.cold_compiles,
+                     "compiled": r.report.compiled if r.report else 0,
+                     "compile_failed": r.report.compile_failed if r.report else 0,
+                     "compile_unknown": r.report.compile_unknown if r.report else 0})
+    with open(path, "w") as f:
+        json.dump({"mixer": mixer.name, "mixer_hash": mixer.content_hash, "dtype": report.dtype, "results": rows},
+                  f, indent=1, default=str)
 
 
 # --------------------------------------------------------------------------- cache

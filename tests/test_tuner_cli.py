@@ -164,3 +164,22 @@ def test_a_tune_cut_short_by_its_timeout_resumes_instead_of_hitting_the_cache(ca
                     storage=storage)
     (r2,) = again.results
     assert not r2.cache_hit and r2.trials_run == 2 and r2.study_trials == r.trials_run + 2
+
+
+def test_jobs_and_the_table_and_json_report_compile_and_timing_apart(tmp_path, monkeypatch, capsys):
+    from mixforge.tuner import precompile
+    from mixforge.tuner.testing import FakeCompiler
+
+    monkeypatch.setenv("MIXFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(api, "make_objective", lambda mixer, kernel, shape, dtype, **kw: SyntheticObjective())
+    seen = []
+    monkeypatch.setattr(precompile, "make_precompiler",
+                        lambda *a, jobs, **kw: seen.append(jobs) or FakeCompiler(sleep=0.01))
+    out_json = tmp_path / "tune.json"
+    assert main(["tune", "gla", "--shape", "2,64,2,16,16", "--dtype", "fp32", "--trials", "4", "--jobs", "2",
+                 "--kernels", "chunk_fwd", "--report-json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert seen == [2] and "compile s" in out and "timing s" in out
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert row["kernel"] == "chunk_fwd" and row["jobs"] == 2 and row["compile_wall_s"] >= 0.01
+    assert row["timing_wall_s"] > 0 and row["trials_run"] == 4 and row["config"]

@@ -18,6 +18,9 @@ recurrent path (`ops.recurrent`) with its default config.
 Timing: `triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")`
 on CUDA; elsewhere (the interpreter) a plain wall-clock median whose numbers
 mean nothing but keep the mechanics real. Tests inject their own `timer`.
+
+Compilation ahead of timing (parallel worker processes) is precompile.py; its
+workers build this same objective at a reduced shape.
 """
 from __future__ import annotations
 
@@ -265,59 +268,3 @@ def make_objective(mixer, kernel: str, shape, dtype="bf16", *, device=None, time
     return Objective(inputs=x, run=run, trusted=trusted_outputs, tolerance=tol,
                      describe=f"{mixer.name} {kernel} {shape} {dt} on {device}, "
                               f"checked against {'the float64 reference' if use_ref else 'ops.' + other}")
-
-
-# --------------------------------------------------------------------------- parallel compilation
-
-_worker_objective = None
-
-
-def _precompile_init(mixer_json: str, kernel: str, shape: tuple, dtype: str, seed: int):
-    global _worker_objective
-    from mixforge.spec import Mixer
-
-    _worker_objective = make_objective(Mixer.from_json(mixer_json), kernel, shape, dtype, seed=seed,
-                                       timer=lambda fn: 1.0, trusted="reference")
-
-
-def _precompile_one(cfg_dict: dict) -> tuple[dict, Optional[str], float]:
-    t0 = time.perf_counter()
-    try:
-        _worker_objective.run(KernelConfig.from_dict(cfg_dict), _worker_objective.inputs)
-        err = None
-    except Exception as e:  # recorded by the study when the config's trial runs
-        err = f"{type(e).__name__}: {str(e)[:200]}"
-    return cfg_dict, err, time.perf_counter() - t0
-
-
-def precompile(mixer, kernel: str, shape, dtype, configs, *, workers: int = 8, seed: int = 0,
-               callback=None, timeout: Optional[float] = None) -> list[tuple[dict, Optional[str], float]]:
-    """Compile `configs` in `workers` processes so the study's trials hit Triton's on-disk cache.
-
-    Each worker builds the same inputs (same shapes and dtypes: the same kernel
-    specializations) and runs every config once; compile errors are only
-    reported here (the study records them as failed trials). Returns
-    (config, error or None, seconds) per config.
-    """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    shape = Shape.parse(shape)
-    ctx = mp.get_context("spawn")
-    out = []
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_precompile_init,
-                                initargs=(mixer.to_json(), kernel, shape.astuple(), dtype_name(dtype), seed)) as ex:
-        futs = [ex.submit(_precompile_one, c.to_dict()) for c in configs]
-        try:
-            for f in cf.as_completed(futs, timeout=timeout):
-                try:
-                    r = f.result()
-                except Exception as e:  # a worker died (e.g. a sticky CUDA error): the study will see it
-                    r = ({}, f"worker died: {type(e).__name__}: {e}", 0.0)
-                out.append(r)
-                if callback:
-                    callback(r)
-        except cf.TimeoutError:  # out of time: what is compiled stays in Triton's cache
-            for f in futs:
-                f.cancel()
-    return out
