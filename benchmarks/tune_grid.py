@@ -12,9 +12,9 @@ For each mixer (GLA, Mamba-2) and kernel, at B=4, T=4096, H=16, K=V=128, bf16:
    checked against the trusted output; a config that does not compile is a
    failed trial and is never timed. Kept in DIR/grid.sqlite3: a run cut short
    (--time-limit, Ctrl-C, the 10-minute command limit) resumes where it stopped.
-   Under --time-limit the grid is compiled and timed in batches of 2 x --jobs
-   (--batch), so what a command compiles it also times: TRITON_CACHE_DIR dies
-   with the GPU machine, DIR/grid.sqlite3 travels. The JSON reports the compile
+   Under --time-limit the grid is compiled and timed in batches of --jobs
+   configs (--batch), so what a command compiles it also times: TRITON_CACHE_DIR
+   dies with the GPU machine, DIR/grid.sqlite3 travels. The JSON reports the compile
    wall time and the timing wall time apart, and how many kernels the timing
    loop still had to compile itself (0 when the precompile covered everything).
 2. optuna: `mixforge tune --jobs N` in a fresh process, as a user runs it, with
@@ -75,7 +75,7 @@ def parse_args(argv=None):
                         "cores on a CUDA machine, 0 with --smoke or without CUDA: compile inside each trial)")
     p.add_argument("--batch", type=int, default=None,
                    help="grid configs compiled together, then timed (default: the whole grid; with --time-limit "
-                        "2 x --jobs, so a command cut short keeps what it compiled timed)")
+                        "--jobs, so a command cut short keeps what it compiled timed)")
     p.add_argument("--trials", type=int, default=None, help="Optuna trials (default: 25%% of the grid)")
     p.add_argument("--trial-timeout", type=float, default=300.0)
     p.add_argument("--time-limit", type=float, default=None,
@@ -119,11 +119,11 @@ class Setup:
 
     def grid_batch(self):
         """Configs compiled together before timing: the whole grid (no worker idles at a batch boundary),
-        but under a time limit batches of 2 x jobs, so what a command compiles it also times: Triton's
-        cache does not outlive the GPU machine, the grid study does."""
+        but under a time limit batches of `jobs` (one compile round), so what a command compiles it
+        also times: Triton's cache does not outlive the GPU machine, the grid study does."""
         if self.args.batch is not None:
             return self.args.batch
-        return None if self.args.time_limit is None else max(1, 2 * self.jobs)
+        return None if self.args.time_limit is None else max(1, self.jobs)
 
     def remaining(self):
         if self.args.time_limit is None:
@@ -250,6 +250,9 @@ def run_grid(setup: Setup, mixer, kernel) -> dict:
     # this command's walls: compiling (parallel, ahead) and timing (serial; inline compiles included)
     out["compile_wall_s"] = rep.compile_wall_s if rep else 0.0
     out["timing_wall_s"] = out["measure_wall_s"] = rep.timing_wall_s if rep else 0.0
+    # every config in this process's Triton cache (what the Optuna phase after it may count on)
+    out["compiled_whole_grid"] = bool(rep and len(todo) == len(grid)
+                                      and rep.compiled + rep.compile_failed >= len(grid))
     if rep is not None:
         out["precompile"] = {"jobs": out["jobs"], "wall_s": rep.compile_wall_s, "compiled": rep.compiled,
                              "failed": rep.compile_failed, "unknown": rep.compile_unknown,
@@ -324,11 +327,15 @@ def tpe_study_rows(storage_url: str, mixer, kernel: str, space) -> tuple[str, li
     return names[0], history(study, space)
 
 
-def run_optuna(setup: Setup, mixer, kernel: str, grid: dict):
-    """The Optuna phase, or None when the time left cannot fit it (rerun later: it needs one cold run)."""
+def run_optuna(setup: Setup, mixer, kernel: str, grid: dict, warm: bool = True):
+    """The Optuna phase, or None when the time left cannot fit it (rerun later: it needs one cold run).
+
+    warm: this process compiled the whole grid into TRITON_CACHE_DIR (else, say on a fresh GPU machine
+    that resumed a grid, the estimate counts the compiles)."""
     space = space_for(setup, mixer, kernel)
     trials = setup.args.trials or max(2, math.ceil(TARGET_FRACTION * len(space.grid())))
-    need, left = optuna_estimate_s(grid, trials, setup.args.cold, setup.jobs), setup.remaining()
+    need = optuna_estimate_s(grid, trials, setup.args.cold or not warm, setup.jobs)
+    left = setup.remaining()
     if left is not None and left < need:
         log(f"{mixer.name} {kernel}: the Optuna phase needs ~{need:.0f} s, {left:.0f} s left; rerun to do it")
         return None
@@ -638,13 +645,15 @@ def main(argv=None) -> int:
                     log("time limit reached; rerun to continue")
                     break
                 g = setup.load_phase(f"{m}-{k}-grid")
+                warm = False
                 if g is None or not g.get("done"):
                     g = run_grid(setup, mixer, k)
                     setup.save_phase(f"{m}-{k}-grid", g)
+                    warm = bool(g.get("compiled_whole_grid"))
                 if not g.get("done") or args.skip_optuna:
                     continue
                 if setup.load_phase(f"{m}-{k}-optuna") is None and not setup.out_of_time():
-                    o = run_optuna(setup, mixer, k, g)
+                    o = run_optuna(setup, mixer, k, g, warm=warm)
                     if o is not None:
                         setup.save_phase(f"{m}-{k}-optuna", o)
     if args.replays:
