@@ -1,6 +1,9 @@
 """Correctness of the generated kernels on a GPU, at realistic shapes, in every dtype.
 
-    python -m benchmarks.gpu_check [--out DIR] [--quick]
+    python -m benchmarks.gpu_check [--out DIR] [--quick] [--mixers gla,mamba2] [--dtypes fp32,bf16]
+
+Compilation is CPU-bound: run one process per mixer side by side on the GPU
+machine's cores (they share the GPU).
 
 Forward values are checked against the float64 recurrence at full size
 (B = 4, T = 4096, H = 16, K = V = 128; and K = V = 64, 256 at T = 2048).
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--mixers", default="gla,mamba2,rwkv6,hgrn2,metala,retnet,linear_attention,mamba,griffin,rwkv4,transnormer")
     args = ap.parse_args(argv)
     import triton
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "tolerance": TOL}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path_json = out / f"gpu_check-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    tag = args.mixers.replace(",", "-") if len(args.mixers) < 40 else "all"
+    path_json = out / f"gpu_check-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{tag}.json"
     rows = []
 
     def save():
@@ -125,7 +130,8 @@ def main(argv=None) -> int:
     for name in args.mixers.split(","):
         mixer = mf.zoo.ALL[name]
         ops = mf.compile(mixer)
-        for dname, dtype in DTYPES.items():
+        for dname in args.dtypes.split(","):
+            dtype = DTYPES[dname]
             jobs = [("fwd", "chunk", dict(B=B, T=T, H=H, K=K, V=V)) for (B, T, H, K, V) in fwd_shapes]
             jobs += [("fwd", "recurrent", dict(B=2, T=1024, H=8, K=64, V=64)),
                      ("fwd-varlen-strong", "chunk", dict(B=1, T=3000, H=4, K=96, V=160)),
