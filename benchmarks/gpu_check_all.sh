@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue #3's GPU check: every zoo mixer in every dtype, one process per mixer (compilation is
+# CPU-bound; they share the GPU), merged into one JSON under $OUT. Usage (on the GPU machine):
+#   source benchmarks/gpu_env.sh; bash benchmarks/gpu_check_all.sh [SECONDS] [MIXERS...]
+limit=${1:-480}; shift || true
+mixers=${*:-gla mamba2 rwkv6 metala hgrn2 retnet linear_attention transnormer mamba griffin rwkv4}
+work=/tmp/gpu_check; mkdir -p $work
+for m in $mixers; do
+  timeout "$limit" python3 -m benchmarks.gpu_check --mixers "$m" --out "$work" > "$work/log-$m.txt" 2>&1 &
+done
+wait
+cat $work/log-*.txt > "$OUT/gpu_check.log"
+python3 - "$work" "$OUT" <<'PY'
+import glob, json, sys
+work, out = sys.argv[1], sys.argv[2]
+runs = [json.load(open(f)) for f in sorted(glob.glob(f"{work}/gpu_check-*.json"))]
+if not runs:
+    sys.exit("no results")
+merged = {k: v for k, v in runs[0].items() if k not in ("rows", "worst_rel_err")}
+merged["rows"] = [r for run in runs for r in run["rows"]]
+worst = {}
+for r in merged["rows"]:
+    for v in r.get("errors", {}).values():
+        worst[r["dtype"]] = max(worst.get(r["dtype"], 0.0), v if v == v else float("inf"))
+merged["worst_rel_err"] = worst
+bad = [r for r in merged["rows"] if not r.get("ok")]
+merged["summary"] = f"{len(merged['rows']) - len(bad)}/{len(merged['rows'])} checks within tolerance"
+json.dump(merged, open(f"{out}/gpu_check.json", "w"), indent=1)
+print(merged["summary"], "worst:", {k: f"{v:.1e}" for k, v in worst.items()})
+for r in bad:
+    print("BAD", r["mixer"], r["dtype"], r["check"], r["path"], r.get("worst"), (r.get("error") or "")[-300:])
+PY
