@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Issue #3's GPU check: every zoo mixer in every dtype, one process per mixer (compilation is
 # CPU-bound; they share the GPU), merged into one JSON under $OUT. Usage (on the GPU machine):
-#   source benchmarks/gpu_env.sh; bash benchmarks/gpu_check_all.sh [SECONDS] [MIXERS...]
+#   source benchmarks/gpu_env.sh; bash benchmarks/gpu_check_all.sh [SECONDS] [MIXER:DTYPES ...]
 limit=${1:-480}; shift || true
-mixers=${*:-gla mamba2 rwkv6 metala hgrn2 retnet linear_attention transnormer mamba griffin rwkv4}
+jobs=${*:-gla:bf16 gla:fp32 gla:fp16 mamba2:bf16 mamba2:fp32 mamba2:fp16 rwkv6:bf16 rwkv6:fp32 rwkv6:fp16
+  metala:bf16 metala:fp32 metala:fp16 hgrn2:bf16 hgrn2:fp32 retnet:bf16 retnet:fp32 linear_attention:bf16
+  linear_attention:fp32 transnormer:bf16 transnormer:fp32 mamba:bf16 mamba:fp32 griffin:bf16 griffin:fp32
+  rwkv4:bf16 rwkv4:fp32}
 work=/tmp/gpu_check; mkdir -p $work
-for m in $mixers; do
-  timeout "$limit" python3 -m benchmarks.gpu_check --mixers "$m" --out "$work" > "$work/log-$m.txt" 2>&1 &
+for j in $jobs; do
+  m=${j%%:*}; d=${j#*:}
+  timeout "$limit" python3 -m benchmarks.gpu_check --mixers "$m" --dtypes "$d" --out "$work/$m-$d" \
+    > "$work/log-$m-$d.txt" 2>&1 &
 done
 wait
 cat $work/log-*.txt > "$OUT/gpu_check.log"
 python3 - "$work" "$OUT" <<'PY'
 import glob, json, sys
 work, out = sys.argv[1], sys.argv[2]
-runs = [json.load(open(f)) for f in sorted(glob.glob(f"{work}/gpu_check-*.json"))]
+runs = [json.load(open(f)) for f in sorted(glob.glob(f"{work}/*/gpu_check-*.json"))]
 if not runs:
     sys.exit("no results")
 merged = {k: v for k, v in runs[0].items() if k not in ("rows", "worst_rel_err")}
