@@ -55,11 +55,28 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret: bool = False) -> KernelConfig:
-    """A safe default when no tuned config exists: small enough tiles for K, V up to 256."""
+def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret: bool = False,
+                     decay: Optional[str] = None) -> KernelConfig:
+    """A safe default when no tuned config exists: small enough tiles for K, V up to 256.
+
+    `decay` (the mixer's decay kind: none | constant | scalar | key; None when unknown) picks the chunk
+    kernels' tiles, measured on the H100 at K = V = 128 bf16 (benchmarks/NOTES.md): a per-key decay's
+    chunk holds more [chunk, K] fp32 tiles (cumulative decay, bisection factors), so it takes 32-row
+    chunks, all of V in one program (the attention block computed once) and 8 warps; the other kinds are
+    fastest with 64-row chunks and 64-wide value blocks. Unknown: the per-key tiles (safe for every kind;
+    the others lose up to 1.5x).
+    """
     Kp, Vp = next_pow2(K), next_pow2(V)
     if interpret:  # the interpreter is slow per program and per op: few large tiles
         return KernelConfig(chunk=16, sub_chunk=8, BK=None, BV=min(Vp, 64), num_warps=4, num_stages=1)
+    if kernel in ("chunk_fwd", "chunk_bwd") and Kp <= 128:
+        if decay in ("none", "scalar", "constant"):
+            warps = 8 if kernel == "chunk_bwd" else 4
+            return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=warps,
+                                num_stages=2)
+        return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 128)), num_warps=8, num_stages=2)
+    if kernel in ("chunk_fwd", "chunk_bwd"):   # K > 128: 32-row chunks (not measured yet)
+        return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=8, num_stages=2)
     chunk = 64 if Kp <= 128 else 32
     BV = min(Vp, 64 if Kp <= 128 else 32)
     return KernelConfig(chunk=chunk, sub_chunk=16, BK=None, BV=max(BV, 16), num_warps=4, num_stages=2)

@@ -21,10 +21,10 @@ from typing import Any, Iterable, Optional
 
 from mixforge.codegen.config import KernelConfig, heuristic_config, next_pow2
 
-try:  # the chunk path's own validation and its diagonal-block rule; the tuner may import codegen
-    from mixforge.codegen.chunk import DIAG_3D_MAX, check_config as _codegen_check
+try:  # the chunk path's own validation; the tuner may import codegen
+    from mixforge.codegen.chunk import check_config as _codegen_check
 except ImportError:  # pragma: no cover - codegen without the chunk path
-    DIAG_3D_MAX, _codegen_check = 4096, None
+    _codegen_check = None
 
 CHUNK_KERNELS = ("chunk_fwd", "chunk_bwd")
 RECURRENT_KERNELS = ("recurrent_fwd", "recurrent_bwd", "step")
@@ -101,46 +101,43 @@ class Resources:
 def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
     """Shared memory and registers of the widest program a config launches, from templates/chunk*.jinja.
 
-    Notation (the templates' constexprs): BT = chunk, BC = sub_chunk,
-    NS = BT / BC, BK = max(16, next_pow2(K)) (the chunk kernels keep all of K),
-    BV = the value tile, W = num_warps (32 threads each), S = num_stages,
-    e = bytes of a dot operand (DOT_DT: the input dtype, fp32 for fp32 inputs),
-    e_in = bytes of an input element. "key" = per-key decay (KEYD).
+    Notation (the templates' constexprs): BT = chunk, BK = max(16, next_pow2(K))
+    (the chunk kernels keep all of K), BV = the value tile, W = num_warps (32
+    threads each), S = num_stages, e = bytes of a dot operand (DOT_DT: the
+    input dtype, fp32 for fp32 inputs), e_in = bytes of an input element.
+    "key" = per-key decay. sub_chunk is not used by the chunk kernels.
 
     Registers: Triton spreads each block tile over the 32*W threads, one
     register per fp32 element. The peak live set of each kernel, read off the
-    templates (maps are computed in fp32 right after the loads):
+    templates (every chunk is handled as whole [BT, *] tiles):
 
-    chunk_fwd_kernel, inside sub-chunk I of a chunk (fwd_chunk):
-        state   b_S, and b_Sc when fused            BK*BV * (2 fused | 1 two_pass)
-        row I   b_qg|b_qe, b_kI (+ b_BI, b_BqI key)  BC*BK * (4 key | 2)
-                b_vI, b_acc                          2 * BC*BV
-        block   off-diagonal X: b_fk (+ b_BX key),  BC*BK * (2 key | 1) + BC*BV + BC*BC
-                b_fv, b_A; or the diagonal block:  2 * BC*BC*BK (key, [BC,BC,BK] broadcast,
-                                                   used while BC*BC*BK <= codegen.chunk.DIAG_3D_MAX)
-    chunk_states_kernel (two_pass forward, every backward), one whole chunk:
-        b_S BK*BV, b_fk, b_kd (+ b_fa, b_B key) BT*BK * (4 key | 2), b_fv BT*BV
-    chunk_bwd_kernel, inside sub-chunk R (bwd_chunk):
-        state   b_S (loaded), b_dS, b_dSc fused      BK*BV * (3 fused | 2)
-        row R   q, k, qe (+ a, B, Bq, kdec key)      BC*BK * (6 key | 3), v, do, do_raw 3 * BC*BV
-        accum   b_dq, b_dk, b_dv                     2 * BC*BK + BC*BV
-        block   X: fq, (fa, BX, BqX, qg, kf key)     BC*BK * (5 key | 2) + BC*BV + 2 * BC*BC
-                diagonal broadcast (key)             3 * BC*BC*BK
-    chunk_dstates_kernel (two_pass backward) is the states kernel with q, do.
+    chunk_fwd_kernel (fwd_intra, fwd_vblock):
+        state   b_S (fused) or the loaded S^(c) block   BK*BV
+        chunk   q, k (+ B and a bisection level's E:    BT*BK * (4 key | 2)
+                key; its R, qg, kg are short-lived)
+                A (+ D, a scalar decay's factors), v, acc  BT*BT * (2 scalar | 1) + 2 * BT*BV
+    chunk_bwd_kernel (one chunk, all value blocks; the backward's states and
+    dstates kernels are lighter):
+        chunk   q, k, dq, dk, dkS (+ B, E, qg, kg)      BT*BK * (9 key | 5)
+                A, dA, D; do, v, dv                     3 * BT*BT + 3 * BT*BV
+                S^(c), dS^(c+1) blocks                  2 * BK*BV
     A thread's count is peak / (32*W) + 32 (addresses, offsets, loop state).
     Above 255 Triton spills to local memory: slower, not an error; so only a
-    clear excess (DeviceLimits.spill_slack) prunes.
+    clear excess (DeviceLimits.spill_slack) prunes. (Checked against ptxas'
+    reports for K = V = 128 bf16: benchmarks/chunk_compile.py.)
 
     Shared memory: each tl.dot stages its operands in shared memory (Hopper's
     wgmma reads B, and A unless it comes from registers); dots that are not
     live together reuse the space, so the largest dot counts:
-        fwd  max(BC*BK + BK*BV (qe @ S), BK*BC + BC*BV (kd^T @ v), 2*BC*BK (q k^T)) * e
-        bwd  max(BC*BV + BV*BK (do @ S^T), BC*BK + BK*BV (kd @ dS)) * e
-        states  (BK*BT + BT*BV) * e
-    plus layout-conversion scratch (transposes, axis-0 reductions): the largest
-    converted fp32 tile, 4 * max(BC*BK, BC*BV, BT*BK for the states kernel),
-    plus Triton's software pipeline: loads in the runtime chunk loop kept for
-    S - 1 stages ahead, (S - 1) * e_in * BT * (2*BK + BV (+ BK key decay) (+ BV do, bwd)).
+        fwd  max(BT*BK + BK*BV (qe @ S), BT*BT + BT*BV (A @ v), BK*BT + BT*BV (kd^T @ v), 2*BT*BK (q k^T)) * e
+        bwd  max(BT*BV + BV*BK (do @ S^T), BT*BT + BT*BK (dA @ k), BT*BK + BK*BV (kd @ dS)) * e
+    plus layout-conversion scratch (transposes, gathers, axis-0 scans): the
+    largest converted fp32 tile, 4 * max(BT*BK, BT*BV), plus Triton's software
+    pipeline: loads in the runtime loops kept for S - 1 stages ahead,
+    (S - 1) * e_in * BT * (2*BK + BV) in the forward (BK + BV with a per-key
+    decay: q, k and a feed elementwise decay math, which Triton's pipeliner
+    leaves in registers), (S - 1) * e_in * (BT * (2*BK + 2*BV) + 2*BK*BV) in
+    the backward's value-block loops.
     The limit is the per-block opt-in maximum (227 KB on H100).
 
     The recurrent kernels hold the state [BK, BV] fp32 (and dS in the
@@ -155,29 +152,18 @@ def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
     if kernel in RECURRENT_KERNELS:
         state = BK * BV * (2 if kernel == "recurrent_bwd" else 1)
         return Resources(smem_bytes=4 * (BK + BV) * 4, regs_per_thread=-(-(state + 4 * BK + 2 * BV) // W) + 32)
-    BT, BC, S = cfg.chunk, cfg.sub_chunk, cfg.num_stages
+    BT, S = cfg.chunk, cfg.num_stages
     key = p.decay == "key"
-    fused = cfg.strategy == "fused"
-    diag3d = key and BC * BC * BK <= DIAG_3D_MAX
-    states = BK * BV + BT * BK * (4 if key else 2) + BT * BV
     if kernel == "chunk_fwd":
-        block = max(BC * BK * (2 if key else 1) + BC * BV + BC * BC, 2 * BC * BC * BK if diag3d else 0)
-        main = BK * BV * (2 if fused else 1) + BC * BK * (4 if key else 2) + 2 * BC * BV + block
-        peak = main if fused else max(main, states)
-        dots = max(BC * BK + BK * BV, BK * BC + BC * BV, 2 * BC * BK)
-        loads = BT * (2 * BK + BV + (BK if key else 0))
-        uses_states = not fused
+        vec = p.decay in ("scalar", "constant")
+        peak = BK * BV + BT * BK * (4 if key else 2) + BT * BT * (2 if vec else 1) + 2 * BT * BV
+        dots = max(BT * BK + BK * BV, BT * BT + BT * BV, BK * BT + BT * BV, 2 * BT * BK)
+        loads = BT * ((BK + BV) if key else (2 * BK + BV))
     else:
-        block = max(BC * BK * (5 if key else 2) + BC * BV + 2 * BC * BC, 3 * BC * BC * BK if diag3d else 0)
-        main = (BK * BV * (3 if fused else 2) + BC * BK * (6 if key else 3) + 3 * BC * BV
-                + 2 * BC * BK + BC * BV + block)
-        peak = max(main, states)
-        dots = max(BC * BV + BV * BK, BC * BK + BK * BV)
-        loads = BT * (2 * BK + 2 * BV + (BK if key else 0))
-        uses_states = True
-    if uses_states:
-        dots = max(dots, BK * BT + BT * BV)
-    scratch = 4 * max(BC * BK, BC * BV, BT * BK if uses_states else 0)
+        peak = BT * BK * (9 if key else 5) + 3 * BT * BT + 3 * BT * BV + 2 * BK * BV
+        dots = max(BT * BV + BV * BK, BT * BT + BT * BK, BT * BK + BK * BV)
+        loads = BT * (2 * BK + 2 * BV) + 2 * BK * BV
+    scratch = 4 * max(BT * BK, BT * BV)
     smem = dots * e + scratch + (S - 1) * e_in * loads
     return Resources(smem_bytes=smem, regs_per_thread=-(-peak // W) + 32)
 
@@ -191,9 +177,10 @@ def _pow2(n) -> bool:
 def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, tuple]:
     """The values each axis may take, before constraints.
 
-    GPU: chunks 32-128 (16-row chunks waste the tensor cores), sub-chunks
-    16-64, value tiles 16-128, 2-8 warps, 1-3 pipeline stages, both strategies.
-    BK is not searched: the chunk templates keep all of K in one tile.
+    GPU: chunks 32-128 (16-row chunks waste the tensor cores), value tiles
+    16-128, 2-8 warps, 1-3 pipeline stages, and for the forward both
+    strategies (the backward has one). BK is not searched: the chunk templates
+    keep all of K in one tile; sub_chunk is not used by them (pinned).
     Interpreter: small tiles and few values (only the mechanics run there;
     num_warps/num_stages are not even passed to its launches).
     """
@@ -203,12 +190,19 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
         return {"BV": tuple(b for b in bvs if b <= max(Vp, bvs[0])),
                 "num_warps": (1, 2, 4) if interpret else (1, 2, 4, 8)}
     if interpret:
-        axes = {"chunk": (8, 16), "sub_chunk": (4, 8, 16), "BV": (8, 16),
+        axes = {"chunk": (8, 16), "BV": (8, 16),
                 "num_warps": (2, 4), "num_stages": (1,), "strategy": ("fused", "two_pass")}
     else:
-        axes = {"chunk": (32, 64, 128), "sub_chunk": (16, 32, 64), "BV": (16, 32, 64, 128),
+        axes = {"chunk": (32, 64, 128), "BV": (16, 32, 64, 128),
                 "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "strategy": ("fused", "two_pass")}
+    if kernel == "chunk_bwd":   # the backward's kernels are the same for both strategies
+        del axes["strategy"]
     axes["BV"] = tuple(b for b in axes["BV"] if b <= Vp) or (min(axes["BV"]),)
+    if not interpret:
+        # value blocks below 64 only where V is that small: chunk_bwd with BV = 32 hit an illegal memory
+        # access on the H100 (Triton 3.6, B=16 T=2048 H=16 K=V=128; benchmarks/NOTES.md), which would
+        # take the tuning process down with it
+        axes["BV"] = tuple(b for b in axes["BV"] if b >= min(64, Vp)) or axes["BV"]
     return axes
 
 
@@ -319,7 +313,7 @@ class SearchSpace:
 
 
 def _heuristic(kernel: str, p: Problem, interpret: bool) -> KernelConfig:
-    return heuristic_config(kernel, p.K, p.V, p.dtype, interpret=interpret)
+    return heuristic_config(kernel, p.K, p.V, p.dtype, interpret=interpret, decay=p.decay)
 
 
 def build_space(kernel: str, problem: Problem, *, limits: Optional[DeviceLimits] = None,
