@@ -1,0 +1,145 @@
+"""Compile a mixer's chunk kernels for a GPU target without a GPU: compile time, registers, spills, shared memory.
+
+    python -m benchmarks.chunk_compile [--mixers gla,mamba2] [--configs 64,64,8,2 32,64,8,2] [--arch 90]
+
+Uses Triton's own compiler and the ptxas bundled with it (no driver needed), so the resource report of
+every kernel a config launches can be read on a CPU machine before spending GPU time. Each config is
+chunk,BV,num_warps,num_stages (sub_chunk is not used by the chunk kernels). Inputs are taken as bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mixforge.codegen.plan import build_plan
+from mixforge.codegen.render import render_module
+
+FLOAT_ARGS = {"scale"}
+INT_ARGS = {"T", "NTOK", "NCH", "NVC"}
+
+
+def load_module(mixer):
+    import importlib.util
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    src = render_module(build_plan(mixer))
+    d = Path(tempfile.mkdtemp(prefix="mf-compile-"))
+    path = d / f"{mixer.name}_chunk_compile.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def signature(fn, plan, constexprs: dict, in_ty: str = "bf16", state_ty: str = "bf16"):
+    sig = {}
+    grouped = set(plan.grouped)
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.startswith("G_") and name[2:] in grouped:
+            sig[name] = "constexpr"
+        elif name.startswith("x_"):
+            op = next(o for o in plan.operands if o.pointer == name)
+            sig[name] = f"*{in_ty}" if op.is_input else "*fp32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in INT_ARGS:
+            sig[name] = "i32"
+        elif name in ("Sbuf_ptr", "dSbuf_ptr"):
+            sig[name] = f"*{state_ty}"
+        elif name in ("cu_ptr", "coff_ptr", "cseq_ptr"):
+            sig[name] = "*i32"
+        else:
+            sig[name] = "*fp32"
+    return sig
+
+
+def compile_one(mod, plan, kernel: str, consts: dict, num_warps: int, num_stages: int, arch: int):
+    fn = getattr(mod, kernel)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    for g in plan.grouped:
+        consts[f"G_{g}"] = 1
+    sig = signature(fn, plan, consts)
+    # what the JIT specializes at run time: 16-byte aligned pointers, integers divisible by 16 (T = 2048)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or sig[n] == "i32"}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    t = time.time()
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                        "num_stages": num_stages})
+    dt = time.time() - t
+    md = k.metadata
+    ptx = k.asm.get("ptx", "")
+    sass_regs = None
+    try:
+        from triton.tools.disasm import get_sass  # noqa: F401
+    except Exception:
+        pass
+    # registers and spills come from ptxas' report (--verbose is not on): count from the cubin's attributes
+    n_regs, n_spills = getattr(k, "n_regs", None), getattr(k, "n_spills", None)
+    return dict(kernel=kernel, seconds=dt, shared=getattr(md, "shared", None), n_regs=n_regs, n_spills=n_spills,
+                ptx_lines=ptx.count("\n"), wgmma="wgmma" in ptx, mma="mma.sync" in ptx, sass_regs=sass_regs,
+                ptx=ptx)
+
+
+def ptxas_report(ptx: str, arch: int) -> str:
+    """Registers / spills / smem as ptxas reports them for one PTX module."""
+    import os
+    import subprocess
+    import tempfile
+
+    from pathlib import Path
+
+    import triton.backends.nvidia as nv
+
+    ptxas = str(Path(nv.__path__[0]) / "bin" / ("ptxas-blackwell" if arch >= 90 else "ptxas"))
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        open(p, "w").write(ptx)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", p, "-o", os.path.join(d, "k.o")],
+                           capture_output=True, text=True)
+        return " ".join(line.strip() for line in (r.stderr + r.stdout).splitlines() if "registers" in line or "spill" in line or "rror" in line)[:600]
+
+
+def main(argv=None):
+    from benchmarks.compare import GLA_CORE, LINEAR, MAMBA2, SCALAR_DECAY
+
+    mixers = {"gla": GLA_CORE, "linear_attention": LINEAR, "scalar_decay": SCALAR_DECAY, "mamba2": MAMBA2}
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mixers", default="gla")
+    ap.add_argument("--configs", nargs="*", default=["64,64,8,2"])
+    ap.add_argument("--kernels", default="chunk_fwd_kernel,chunk_states_kernel,chunk_dstates_kernel,chunk_bwd_kernel")
+    ap.add_argument("--two-pass", action="store_true")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--K", type=int, default=128)
+    ap.add_argument("--V", type=int, default=128)
+    args = ap.parse_args(argv)
+    for name in args.mixers.split(","):
+        m = mixers[name]
+        plan = build_plan(m)
+        mod = load_module(m)
+        for c in args.configs:
+            BT, BV, W, S = map(int, c.split(","))
+            consts = dict(H=16, K=args.K, V=args.V, BT=BT, BK=max(16, triton.next_power_of_2(args.K)), BV=BV,
+                          LOG2_BT=BT.bit_length() - 1, FUSED=not args.two_pass, USE_S0=False, STORE_ST=False,
+                          STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, DOT_DT=tl.bfloat16,
+                          PREC="tf32")
+            for kern in args.kernels.split(","):
+                r = compile_one(mod, plan, kern, consts, W, S, args.arch)
+                rep = ptxas_report(r["ptx"], args.arch)
+                print(f"{name:16s} {c:12s} {kern:22s} {r['seconds']:6.1f}s smem={r['shared']} "
+                      f"wgmma={r['wgmma']} mma={r['mma']} | {rep}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
