@@ -68,6 +68,7 @@ class MQARConfig:
     seed: int = 0
     short_conv: bool = True
     long_conv: bool = False
+    amp: bool = True               # bf16 autocast on CUDA; False trains in fp32
 
     @classmethod
     def tiny(cls, **kw) -> "MQARConfig":
@@ -248,7 +249,7 @@ def train(mixer: str, cfg: MQARConfig, *, device: str = "cpu", ops_factory: Call
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    use_amp = dev.type == "cuda"
+    use_amp = dev.type == "cuda" and cfg.amp
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else torch.autocast("cpu", enabled=False)
@@ -394,6 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--long-conv", action="store_true", help="add CHELA's long convolution to every MixerLayer")
+    p.add_argument("--fp32", action="store_true", help="train in fp32 (no bf16 autocast on CUDA)")
     p.add_argument("--no-checkpoint", action="store_true", help="write only the JSON result")
     a = p.parse_args(argv)
     names = list(MIXERS) if a.mixer == "all" else [n.strip() for n in a.mixer.split(",") if n.strip()]
@@ -404,7 +406,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")   # generated kernels run under Triton's interpreter
     over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, seq_len=a.seq_len,
                                   num_kv_pairs=a.num_kv_pairs, d_model=a.d_model, eval_every=a.eval_every,
-                                  long_conv=a.long_conv or None).items() if v is not None}
+                                  long_conv=a.long_conv or None, amp=False if a.fp32 else None).items()
+            if v is not None}
     results = []
     for name in names:
         cfg = MQARConfig.tiny(**over) if a.tiny else MQARConfig(**over)
