@@ -84,7 +84,7 @@ class MixerOps:
             if found is not None:
                 return found
         return heuristic_config(kernel, shapes.K, shapes.V, _DTYPE_NAMES[shapes.dtype],
-                                interpret=shapes.device.type != "cuda")
+                                interpret=shapes.device.type != "cuda", decay=self.plan.decay)
 
     # ------------------------------------------------------------------ calls
     def chunk(self, *, initial_state=None, output_final_state: bool = False, cu_seqlens=None, scale=None,
