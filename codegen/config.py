@@ -64,15 +64,15 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
     chunk holds more [chunk, K] fp32 tiles (cumulative decay, bisection factors), so it takes 32-row
     chunks, all of V in one program (the attention block computed once) and 8 warps; the other kinds are
     fastest with 64-row chunks and 64-wide value blocks. Unknown: the per-key tiles (safe for every kind;
-    the others lose up to 1.5x). fp32 inputs keep the per-key tiles for every kind: the wider tiles were
-    measured in bf16 only, and the per-key ones passed the H100 check in fp32.
+    the others lose up to 1.5x). fp32 and fp16 inputs (whose dots run in tf32/fp32) keep the per-key tiles
+    for every kind: the wider tiles were measured in bf16 only; the per-key ones passed the H100 check in fp32.
     """
     Kp, Vp = next_pow2(K), next_pow2(V)
     if interpret:  # the interpreter is slow per program and per op: few large tiles
         return KernelConfig(chunk=16, sub_chunk=8, BK=None, BV=min(Vp, 64), num_warps=4, num_stages=1)
     if kernel in ("chunk_fwd", "chunk_bwd") and Kp <= 128:
         # chunk 64 with BV 32 and 8 warps hit an unexplained illegal memory access once (NOTES.md): V >= 64 only
-        if decay in ("none", "scalar", "constant") and dtype != "fp32" and Vp >= 64:
+        if decay in ("none", "scalar", "constant") and dtype == "bf16" and Vp >= 64:
             warps = 8 if kernel == "chunk_bwd" else 4
             return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=warps,
                                 num_stages=2)
