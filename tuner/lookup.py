@@ -142,12 +142,7 @@ class TunedLookup:
     def _resolve(self, mixer, sk: ShapeKey, key: TuneKey) -> Resolution:
         ok = lambda e: self._usable(mixer, sk, e)  # noqa: E731
         if sk.T < 0 or sk.B < 0:  # sizes unknown (symbolic under torch.compile): the nearest bucket to typical
-            for source, caches in (("user-nearest", [self.user]), ("shipped-nearest", self.shipped)):
-                found = [n for c in caches if (n := _nearest(c, key, ok)) is not None]
-                if found:
-                    k, entry = min(found, key=lambda ke: _distance(key, ke[0]))
-                    return Resolution(KernelConfig.from_dict(entry["config"]), source, k, entry)
-            return Resolution(None, "heuristic", key)
+            return self._nearest_resolution(key, ok)
         entry = self.user.get(key)
         if entry is not None and ok(entry):
             return Resolution(KernelConfig.from_dict(entry["config"]), "user", key, entry)
@@ -159,6 +154,10 @@ class TunedLookup:
             entry = cache.get(key)
             if entry is not None and ok(entry):
                 return Resolution(KernelConfig.from_dict(entry["config"]), "shipped", key, entry)
+        return self._nearest_resolution(key, ok)
+
+    def _nearest_resolution(self, key: TuneKey, ok) -> Resolution:
+        """The nearest bucket's config, the user's before the shipped ones; else the heuristic."""
         for source, caches in (("user-nearest", [self.user]), ("shipped-nearest", self.shipped)):
             found = [n for c in caches if (n := _nearest(c, key, ok)) is not None]
             if found:
