@@ -183,6 +183,17 @@ def fwd_bwd(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], dy: tor
     return step
 
 
+def measure(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: str) -> tuple[float, int]:
+    """(median ms, peak bytes) of the forward alone, or of forward plus backward into every leaf."""
+    if pass_ == "fwd":
+        with torch.no_grad():
+            return bench(run), peak_mem(run)
+    for t_ in leaves:
+        t_.requires_grad_(True)
+    step = fwd_bwd(run, leaves, torch.randn_like(run()))
+    return bench(step), peak_mem(step)
+
+
 def machine_rates() -> dict:
     n = 1 << 28  # 512 MiB of bf16 read + written
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -236,18 +247,7 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
         row = dict(base, **{"pass": p})
         leaves = [t_ for t_ in x.values()]
         try:
-            if p == "fwd":
-                with torch.no_grad():
-                    row["ms"] = bench(ours)
-                    row["peak_bytes"] = peak_mem(ours)
-            else:
-                for t_ in leaves:
-                    t_.requires_grad_(True)
-                y = ours()
-                dy = torch.randn_like(y)
-                step = fwd_bwd(ours, leaves, dy)
-                row["ms"] = bench(step)
-                row["peak_bytes"] = peak_mem(step)
+            row["ms"], row["peak_bytes"] = measure(ours, leaves, p)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
         if peer is None:
@@ -255,16 +255,7 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
         else:
             row["agree_rel_err"] = agree
             try:
-                if p == "fwd":
-                    with torch.no_grad():
-                        row["peer_ms"] = bench(peer)
-                        row["peer_peak_bytes"] = peak_mem(peer)
-                else:
-                    y = peer()
-                    dy = torch.randn_like(y)
-                    pstep = fwd_bwd(peer, leaves, dy)
-                    row["peer_ms"] = bench(pstep)
-                    row["peer_peak_bytes"] = peak_mem(pstep)
+                row["peer_ms"], row["peer_peak_bytes"] = measure(peer, leaves, p)
             except Exception as e:
                 row["peer_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for t_ in leaves:
@@ -357,15 +348,10 @@ def _peer_only(case, B, T, H, K, V, dtype):
     rows = []
     try:
         peer = case.make_peer(x, {"scale": scale})
-        with torch.no_grad():
-            ms = bench(peer)
-        rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V, **{"pass": "fwd"}, peer_ms=ms))
-        leaves = list(x.values())
-        for t_ in leaves:
-            t_.requires_grad_(True)
-        y = peer()
-        ms = bench(fwd_bwd(peer, leaves, torch.randn_like(y)))
-        rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V, **{"pass": "fwd+bwd"}, peer_ms=ms))
+        for p in ("fwd", "fwd+bwd"):
+            ms, peak = measure(peer, list(x.values()), p)
+            rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V, **{"pass": p}, peer_ms=ms,
+                             peer_peak_bytes=peak))
     except Exception as e:
         rows.append(dict(mixer=case.name, peer=case.peer, B=B, T=T, K=K, V=V, peer_error=f"{type(e).__name__}: {str(e)[:300]}"))
     return rows
