@@ -16,7 +16,6 @@ import dataclasses
 import datetime as _dt
 import importlib
 import json
-import os
 import sys
 import time
 import traceback
@@ -216,8 +215,6 @@ def roofline_ms(mixer: Mixer, x: dict, rates: dict) -> float:
 
 def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd"), peers=True) -> list[dict]:
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
-    if case.name in ("gla", "hgrn2", "rwkv6"):
-        pass
     for n_ in ("q", "k", "r", "C", "B"):  # keep logits moderate at K = 128
         if n_ in x and x[n_].dim() == 4:
             x[n_] = (x[n_].float() * 0.5).to(dtype)
