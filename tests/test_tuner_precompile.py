@@ -13,19 +13,9 @@ from mixforge.tuner import study as study_mod
 from mixforge.tuner.cache import ConfigCache
 from mixforge.tuner.precompile import Precompiler, _int_class, compile_shape, default_jobs, make_precompiler
 from mixforge.tuner.runner import Shape
-from mixforge.tuner.space import H100, Problem, build_space
 from mixforge.tuner.study import open_study, optimize
-from mixforge.tuner.testing import FakeCompiler, SyntheticObjective, cost_model, fake_compile_task, matches
-
-AXES = {"chunk": (32, 64), "sub_chunk": (16, 32), "BV": (32, 64), "num_warps": (4, 8),
-        "strategy": ("fused", "two_pass")}
-OPTIMUM = dict(chunk=64, sub_chunk=16, BV=64, num_warps=4, strategy="fused")
-
-
-def small_space():
-    return build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
-                       interpret=False, axes=AXES)
-
+from mixforge.tuner.testing import (FakeCompiler, SyntheticObjective, cost_model, fake_compile_task,
+                                    matches, small_space)
 
 class Recording(SyntheticObjective):
     """Appends ("run", config) to `events`; raises KeyboardInterrupt at run number `interrupt_at` (from 0)."""

@@ -15,17 +15,7 @@ from mixforge.codegen.config import KernelConfig
 from mixforge.tuner import study as study_mod
 from mixforge.tuner.space import H100, Problem, build_space
 from mixforge.tuner.study import classify, compare, open_study, optimize
-from mixforge.tuner.testing import SyntheticObjective, cost_model, matches
-
-AXES = {"chunk": (32, 64), "sub_chunk": (16, 32), "BV": (32, 64), "num_warps": (4, 8),
-        "strategy": ("fused", "two_pass")}
-OPTIMUM = dict(chunk=64, sub_chunk=16, BV=64, num_warps=4, strategy="fused")
-
-
-def small_space():
-    return build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
-                       interpret=False, axes=AXES)
-
+from mixforge.tuner.testing import OPTIMUM, SMALL_AXES, SyntheticObjective, cost_model, matches, small_space
 
 def journal(tmp_path, name="j.log"):
     return f"journal:{tmp_path / name}"
@@ -215,7 +205,7 @@ def test_two_processes_fill_one_study_without_running_a_trial_twice(tmp_path):
         open_study("shared", url, seed=0)  # create the storage and the study once
     n = 10
     go = tmp_path / "go"
-    axes = {k: list(v) for k, v in AXES.items()}
+    axes = {k: list(v) for k, v in SMALL_AXES.items()}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(urls), str(seed), str(go), json.dumps(axes),
                                str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

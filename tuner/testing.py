@@ -71,6 +71,19 @@ class SyntheticObjective(Objective):
                          describe="synthetic cost model")
 
 
+#: a small chunk_fwd space (32 configs) for mechanics tests, and its fastest config under `cost_model`
+SMALL_AXES = {"chunk": (32, 64), "sub_chunk": (16, 32), "BV": (32, 64), "num_warps": (4, 8),
+              "strategy": ("fused", "two_pass")}
+OPTIMUM = dict(chunk=64, sub_chunk=16, BV=64, num_warps=4, strategy="fused")
+
+
+def small_space():
+    from .space import H100, Problem, build_space
+
+    return build_space("chunk_fwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
+                       interpret=False, axes=SMALL_AXES)
+
+
 def matches(**fields) -> Callable[[KernelConfig], bool]:
     """A predicate on configs: every given field equal."""
     return lambda c: all(getattr(c, k) == v for k, v in fields.items())
