@@ -10,7 +10,14 @@ values from the upper half), followed by queries: each key appears once more
 at a power-law distributed gap, and the model must predict its value at the
 next position. All other positions hold random tokens and carry no loss.
 Defaults follow Zoology's hardest common setting: sequence length 256, 64
-key-value pairs, vocabulary 8192, d_model 128, two layers.
+key-value pairs, vocabulary 8192, d_model 128, two layers. As in Zoology,
+training draws from a mix of easier segments too (length 64 with 4 pairs, 128
+with 8, 256 with 16, 32 and 64, weighted 5:1:1:1:1 like Zoology's example
+counts): trained on the hardest segment alone, every model sits on a long
+plateau at chance first (softmax attention for 2000 steps in our runs, the
+linear mixers for more than 4000). `--no-mix` trains on the main segment only.
+The reported accuracy is on held-out sequences of the main segment; the
+accuracy of every segment is recorded too.
 
 Model: token embedding -> 2 x [LayerNorm -> sequence mixer -> residual,
 LayerNorm -> MLP (4x, GELU) -> residual] -> LayerNorm -> LM head. The mixer is
@@ -45,6 +52,9 @@ import torch.nn.functional as F
 
 MIXERS = ("gla", "metala", "mamba2", "retnet", "linear_attention", "softmax")
 IGNORE = -100
+# Zoology's MQAR training data: (seq_len, num_kv_pairs, weight), the weights its example counts
+# (100k short sequences, 20k of each longer segment); the main segment (256, 64) is the last
+ZOOLOGY_MIX = ((64, 4, 5.0), (128, 8, 1.0), (256, 16, 1.0), (256, 32, 1.0), (256, 64, 1.0))
 
 
 # --------------------------------------------------------------------------- data
@@ -69,14 +79,35 @@ class MQARConfig:
     short_conv: bool = True
     long_conv: bool = False
     amp: bool = True               # bf16 autocast on CUDA; False trains in fp32
+    # training mix: (seq_len, num_kv_pairs, weight) segments besides the main one; None trains on the main only
+    mix: tuple | None = ZOOLOGY_MIX
+    time_limit: float | None = None  # seconds of training; the run stops early (and says so) past it
 
     @classmethod
     def tiny(cls, **kw) -> "MQARConfig":
         """Small enough for a CPU: vocabulary 64, length 32, 4 pairs, d_model 64 (softmax recalls in ~300 steps)."""
         base = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, d_model=64, num_heads=2, batch_size=16, steps=300,
-                    lr=3e-3, eval_examples=256, eval_every=100)
+                    lr=3e-3, eval_examples=256, eval_every=100, mix=None)
         base.update(kw)
         return cls(**base)
+
+    def segment(self, seq_len: int, num_kv_pairs: int) -> "MQARConfig":
+        return dataclasses.replace(self, seq_len=seq_len, num_kv_pairs=num_kv_pairs)
+
+    def training_segments(self) -> list[tuple["MQARConfig", float]]:
+        """What training draws from: the mix's segments with their weights, or the main segment alone.
+
+        Segments longer or with more pairs than the main one are left out (a
+        smaller --seq-len keeps the easier part of the mix); the main segment is
+        always in.
+        """
+        if not self.mix:
+            return [(self, 1.0)]
+        segs = [(self.segment(int(L), int(P)), float(w)) for L, P, w in self.mix
+                if L <= self.seq_len and P <= self.num_kv_pairs]
+        if not any(c.seq_len == self.seq_len and c.num_kv_pairs == self.num_kv_pairs for c, _ in segs):
+            segs.append((self, 1.0))
+        return segs
 
 
 def mqar_batch(n: int, cfg: MQARConfig, generator: torch.Generator, device=None):
@@ -257,15 +288,26 @@ def train(mixer: str, cfg: MQARConfig, *, device: str = "cpu", ops_factory: Call
     gen_train = torch.Generator(device=dev).manual_seed(cfg.seed + 1)       # batches drawn on the device
     gen_test = torch.Generator().manual_seed(10_000 + cfg.seed)             # the held-out set: same on any device
     test_x, test_y = mqar_batch(cfg.eval_examples, cfg, gen_test, dev)
+    segments = cfg.training_segments()
+    pick = torch.Generator().manual_seed(cfg.seed + 2)                      # which segment each step trains on
+    weights = torch.tensor([w for _, w in segments], dtype=torch.float64)
+    mix = ", ".join(f"{c.seq_len}/{c.num_kv_pairs} x{w:g}" for c, w in segments)
     log(f"mqar: {mixer}  params {n_params / 1e6:.2f}M  device {dev}  steps {cfg.steps}  "
-        f"(seq {cfg.seq_len}, pairs {cfg.num_kv_pairs}, vocab {cfg.vocab_size}, d_model {cfg.d_model})")
+        f"(seq {cfg.seq_len}, pairs {cfg.num_kv_pairs}, vocab {cfg.vocab_size}, d_model {cfg.d_model}; "
+        f"training mix (length/pairs x weight): {mix})")
     losses, curve = [], []
     t0 = time.perf_counter()
     first_step_s = None
+    stopped_early = False
     for step in range(cfg.steps):
+        if cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
+            stopped_early = True
+            log(f"mqar: {mixer}  time limit {cfg.time_limit:.0f} s reached after {step} steps")
+            break
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, cfg)
-        x, y = mqar_batch(cfg.batch_size, cfg, gen_train, dev)
+        seg = segments[int(torch.multinomial(weights, 1, generator=pick))][0] if len(segments) > 1 else cfg
+        x, y = mqar_batch(cfg.batch_size, seg, gen_train, dev)
         with autocast():
             logits = model(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=IGNORE)
@@ -282,18 +324,35 @@ def train(mixer: str, cfg: MQARConfig, *, device: str = "cpu", ops_factory: Call
                           "test_loss": test_loss, "accuracy": acc, "elapsed_s": time.perf_counter() - t0})
             log(f"  step {step + 1:6d}  train loss {curve[-1]['train_loss']:.4f}  test loss {test_loss:.4f}  "
                 f"accuracy {acc:.4f}  ({curve[-1]['elapsed_s']:.1f} s)")
+    steps_done = len(losses)
+    if steps_done and (not curve or curve[-1]["step"] != steps_done):   # stopped between evaluations
+        acc, test_loss = evaluate(model, test_x, test_y, max(cfg.batch_size, 64), autocast)
+        recent = losses[-cfg.eval_every:]
+        curve.append({"step": steps_done, "train_loss": sum(recent) / len(recent), "test_loss": test_loss,
+                      "accuracy": acc, "elapsed_s": time.perf_counter() - t0})
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     acc = curve[-1]["accuracy"] if curve else float("nan")
+    per_segment = {}
+    if len(segments) > 1:
+        for i, (seg, _) in enumerate(segments):
+            n = min(cfg.eval_examples, 256)
+            sx, sy = mqar_batch(n, seg, torch.Generator().manual_seed(20_000 + cfg.seed + i), dev)
+            per_segment[f"{seg.seq_len}/{seg.num_kv_pairs}"] = evaluate(model, sx, sy, max(cfg.batch_size, 64),
+                                                                         autocast)[0]
+        log(f"mqar: {mixer}  accuracy per segment (length/pairs): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in per_segment.items()))
     result = {
         "benchmark": "mqar",
         "mixer": mixer,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         **_versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "steps": cfg.steps,
+        "steps": steps_done,
+        "stopped_early": stopped_early,
         "accuracy": acc,
+        "segment_accuracy": per_segment,
         "best_accuracy": max((c["accuracy"] for c in curve), default=float("nan")),
         "final_train_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "first_step_s": first_step_s,
@@ -396,6 +455,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--long-conv", action="store_true", help="add CHELA's long convolution to every MixerLayer")
     p.add_argument("--fp32", action="store_true", help="train in fp32 (no bf16 autocast on CUDA)")
+    p.add_argument("--no-mix", action="store_true", help="train on the main segment only (no Zoology mix)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop training after this many seconds, evaluate and write the result (marked stopped_early)")
     p.add_argument("--no-checkpoint", action="store_true", help="write only the JSON result")
     a = p.parse_args(argv)
     names = list(MIXERS) if a.mixer == "all" else [n.strip() for n in a.mixer.split(",") if n.strip()]
@@ -406,7 +468,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")   # generated kernels run under Triton's interpreter
     over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, seq_len=a.seq_len,
                                   num_kv_pairs=a.num_kv_pairs, d_model=a.d_model, eval_every=a.eval_every,
-                                  long_conv=a.long_conv or None, amp=False if a.fp32 else None).items()
+                                  long_conv=a.long_conv or None, amp=False if a.fp32 else None,
+                                  mix=() if a.no_mix else None, time_limit=a.time_limit).items()
             if v is not None}
     results = []
     for name in names:

@@ -106,3 +106,26 @@ def test_one_training_step_on_the_generated_kernels():
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     for (n, p), (_, q) in zip(real.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_zoology_mix_trains_on_every_segment_and_reports_each():
+    cfg = MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4, d_model=16, batch_size=4, steps=6, eval_every=6,
+                     eval_examples=8, mix=((16, 2, 3.0), (32, 4, 1.0), (64, 4, 1.0), (32, 8, 1.0)))
+    segs = cfg.training_segments()
+    # harder than the main segment (longer, more pairs) is left out; the main one is in
+    assert [(c.seq_len, c.num_kv_pairs, w) for c, w in segs] == [(16, 2, 3.0), (32, 4, 1.0)]
+    assert [(c.seq_len, c.num_kv_pairs) for c, _ in MQARConfig(seq_len=128, num_kv_pairs=8).training_segments()] \
+        == [(64, 4), (128, 8)]
+    assert MQARConfig.tiny().training_segments() == [(MQARConfig.tiny(), 1.0)]
+    r = mqar.train("softmax", cfg, log=None)
+    assert set(r["segment_accuracy"]) == {"16/2", "32/4"}
+    assert all(0.0 <= a <= 1.0 for a in r["segment_accuracy"].values())
+    assert r["steps"] == 6 and not r["stopped_early"]
+
+
+def test_time_limit_stops_training_and_still_reports():
+    cfg = MQARConfig.tiny(steps=10_000, eval_every=10_000, eval_examples=8, batch_size=4, d_model=16,
+                          time_limit=0.5)
+    r = mqar.train("softmax", cfg, log=None)
+    assert r["stopped_early"] and 0 < r["steps"] < 10_000
+    assert r["curve"][-1]["step"] == r["steps"] and 0.0 <= r["accuracy"] <= 1.0
