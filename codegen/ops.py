@@ -4,6 +4,7 @@
     y, S_T = ops.chunk(q=..., k=..., initial_state=None, output_final_state=True, cu_seqlens=None)
     y, S_T = ops.recurrent(...)               # same arguments, same results
     y_t, state = ops.step(state=state, q=..., ...)   # one decoding step
+    dec = ops.decoder(state=state, **token); y_t = dec(**token)   # a decoding loop (codegen/decode.py)
     print(ops.source("recurrent_fwd"))        # the generated Triton
 
 Every call is validated by `spec.shapes.resolve_call` before any kernel runs.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -27,8 +28,12 @@ from ..spec.reference import default_scale
 from ..spec.shapes import check_state, layout, resolve_call
 from . import cache, custom_ops, epilogue, recurrent
 from .config import ConfigLookup, KernelConfig, ShapeKey, heuristic_config
+from .core import CallContext
 from .plan import build_plan
 from .render import kernel_source, render_module
+
+if TYPE_CHECKING:
+    from .decode import Decoder
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _warned_no_chunk = False
@@ -41,6 +46,28 @@ def _chunk_available() -> bool:
     except ImportError:
         return False
     return hasattr(chunk, "forward") and hasattr(chunk, "backward")
+
+
+# MixerOps.key + instance id -> (mixer, lookup): lets the traced call ask for a config with primitives only
+_LOOKUPS: dict[str, tuple] = {}
+
+
+def _assume_constant(fn):
+    try:
+        import torch._dynamo
+
+        return torch._dynamo.assume_constant_result(fn)
+    except Exception:  # pragma: no cover - a torch without dynamo
+        return fn
+
+
+@_assume_constant
+def _looked_up(lookup_id: str, kernel: str, dtype: str, B: int, T: int, H: int, K: int, V: int):
+    """The lookup's answer as a tuple (or None). Under torch.compile it runs once while tracing and is
+    baked into the graph, which needs strings and ints in and out: a Mixer is no constant to dynamo."""
+    mixer, lookup = _LOOKUPS[lookup_id]
+    c = lookup(mixer, ShapeKey(kernel, dtype, B, T, H, K, V))
+    return None if c is None else tuple(c.to_dict().values())
 
 
 class _Declared:
@@ -63,6 +90,9 @@ class MixerOps:
         self.module, self.module_path, self.cache_hit = cache.load_module(self.mixer.name, self._source)
         self.key = f"{self.mixer.name}-{cache.source_hash(self._source)}"
         self.config_lookup = config_lookup
+        self._lookup_id = f"{self.key}@{id(self)}"
+        if config_lookup is not None:
+            _LOOKUPS[self._lookup_id] = (self.mixer, config_lookup)
         custom_ops.register(custom_ops.Compiled(self.key, self.mixer, self.plan, self.module))
 
     def __repr__(self) -> str:
@@ -77,12 +107,19 @@ class MixerOps:
 
     # ------------------------------------------------------------------ configs
     def config(self, kernel: str, shapes) -> KernelConfig:
-        """The tile config for `kernel` at these shapes: the lookup's answer, else the heuristic."""
+        """The tile config for `kernel` at these shapes: the lookup's answer, else the heuristic.
+
+        While torch.compile traces, B and T may be symbolic and choosing a bucket
+        would guard on them, so a traced call asks the lookup with B = T = -1 (the
+        tuner's lookup then takes its bucket nearest to T = 4096, B*H = 64; every
+        tuned config is valid at every length, only its speed depends on the bucket).
+        """
         if self.config_lookup is not None:
-            key = ShapeKey(kernel, _DTYPE_NAMES[shapes.dtype], shapes.B, shapes.T, shapes.H, shapes.K, shapes.V)
-            found = self.config_lookup(self.mixer, key)
+            B, T = (-1, -1) if torch.compiler.is_compiling() else (shapes.B, shapes.T)
+            found = _looked_up(self._lookup_id, kernel, _DTYPE_NAMES[shapes.dtype], B, T, shapes.H, shapes.K,
+                               shapes.V)
             if found is not None:
-                return found
+                return KernelConfig(*found)
         return heuristic_config(kernel, shapes.K, shapes.V, _DTYPE_NAMES[shapes.dtype],
                                 interpret=shapes.device.type != "cuda", decay=self.plan.decay)
 
@@ -147,7 +184,52 @@ class MixerOps:
         [B]) is the token's position t in its sequence, required by mixers
         whose maps use t. A prefill `ops.chunk(..., output_final_state=True)`
         followed by steps gives the same outputs as one pass over all tokens.
+
+        A call validates its arguments once per layout (names, shapes, dtypes and
+        devices of the tensors and the state, scale, config): a repeated call with
+        the same layout skips the checks it passed before. For a decoding loop, see
+        `decoder` (static buffers, the state updated in place, a CUDA graph).
         """
+        lay = self._step_layout(tensors, state, scale, config)
+        sh = lay.shapes
+        N, H, K, V = sh.B, sh.H, sh.K, sh.V
+        if not lay.cuda:
+            _check_runnable(sh.device)
+        S, z = _split_state(self.plan.normalize, state)
+        if S is None:
+            S = torch.zeros(N, H, K, V, dtype=torch.float32, device=sh.device)
+        if self.plan.normalize and z is None:
+            z = torch.zeros(N, H, K, dtype=torch.float32, device=sh.device)
+        positions = _step_positions(position, N, sh.device) if self.plan.uses_t else None
+        xs = [tensors[n].contiguous().unsqueeze(1) if row else tensors[n].contiguous() for n, row in lay.operands]
+        ctx = lay.context(xs, S, z, positions)
+        cfg = config or self._step_config(lay)
+        with torch.no_grad():
+            o, S_new, z_new = recurrent.step(ctx, cfg, positions)
+            y = epilogue.forward(ctx, o.view(N, 1, H, V)).view(N, H, V) if self.plan.has_epilogue else o
+        return y, ((S_new, z_new) if self.plan.normalize else S_new)
+
+    def decoder(self, *, state=None, position=None, scale=None, config: Optional[KernelConfig] = None,
+                graph: Optional[bool] = None, **tensors) -> "Decoder":
+        """A decoding loop's step: static buffers, the state updated in place, one CUDA graph per step.
+
+            dec = ops.decoder(state=S, position=P, **token)   # shapes, dtypes, device, parameters
+            for _ in range(n):
+                y = dec(**token)     # y [B, H, V]; dec.state advanced in place; dec.position += 1
+
+        See codegen/decode.py (`Decoder`) for the arguments, reset, load_state and run.
+        """
+        from .decode import Decoder
+
+        return Decoder(self, tensors, state=state, position=position, scale=scale, config=config, graph=graph)
+
+    def _step_layout(self, tensors: dict, state, scale, config) -> "_StepLayout":
+        """The validated layout of a step call: from the cache when this layout passed the checks before."""
+        key = _step_key(tensors, state, scale, config)
+        layouts = self.__dict__.setdefault("_step_layouts", {})
+        lay = layouts.get(key) if key is not None else None
+        if lay is not None:
+            return lay
         rows = _step_rows(self._declared, tensors)
         shapes = resolve_call(self._declared, rows)
         N, H, K, V = shapes.B, shapes.H, shapes.K, shapes.V
@@ -156,19 +238,77 @@ class MixerOps:
         scale = default_scale(self.mixer, K, scale)
         _check_config(config)
         _check_runnable(shapes.device)
-        f32 = dict(dtype=torch.float32, device=shapes.device)
-        S, z = _split_state(self.plan.normalize, state)
-        S = S if S is not None else torch.zeros(N, H, K, V, **f32)
-        if self.plan.normalize and z is None:
-            z = torch.zeros(N, H, K, **f32)
-        positions = _step_positions(position, N, shapes.device) if self.plan.uses_t else None
-        xs = [rows[n].contiguous() for n in self.plan.operand_names]
-        ctx = custom_ops.make_context(custom_ops.compiled(self.key), xs, S, z, None, positions, scale, True)
-        cfg = config or self.config("step", shapes)
-        with torch.no_grad():
-            o, S_new, z_new = recurrent.step(ctx, cfg, positions)
-            y = epilogue.forward(ctx, o.view(N, 1, H, V)).view(N, H, V)
-        return y, ((S_new, z_new) if self.plan.normalize else S_new)
+        lay = _StepLayout(custom_ops.compiled(self.key), shapes, scale, frozenset(o.name for o in self.mixer.inputs),
+                          shapes.device.type == "cuda")
+        if key is not None:
+            if len(layouts) >= _STEP_LAYOUTS:
+                layouts.clear()
+            layouts[key] = lay
+        return lay
+
+    def _step_config(self, lay: "_StepLayout") -> KernelConfig:
+        """As `config("step", shapes)`, asking the lookup on every call (it memoizes, and forgets after a
+        tune) but building the heuristic fallback once per layout."""
+        if self.config_lookup is not None:
+            found = self.config_lookup(self.mixer, lay.shape_key)
+            if found is not None:
+                return found
+        return lay.heuristic(self)
+
+
+#: step layouts remembered per MixerOps (a full cache starts over)
+_STEP_LAYOUTS = 64
+
+
+def _step_key(tensors: dict, state, scale, config):
+    """What a step call's validation depends on, hashable; None when the call is unusual (not all
+    tensors, an unhashable option): such calls are validated every time."""
+    try:
+        sig = tuple((n, x.shape, x.dtype, x.device) for n, x in tensors.items() if isinstance(x, torch.Tensor))
+        if len(sig) != len(tensors):
+            return None
+        if state is None:
+            st = None
+        elif isinstance(state, torch.Tensor):
+            st = (state.shape, state.dtype, state.device)
+        elif isinstance(state, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in state):
+            st = tuple((x.shape, x.dtype, x.device) for x in state)
+        else:
+            return None
+        if config is not None and not isinstance(config, KernelConfig):
+            return None
+        key = (sig, st, type(scale), scale, config)
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
+class _StepLayout:
+    """A step call's validated layout and what follows from it alone."""
+
+    __slots__ = ("compiled", "shapes", "scale", "operands", "cuda", "shape_key", "_heuristic")
+
+    def __init__(self, compiled, shapes, scale: float, rows: frozenset, cuda: bool):
+        self.compiled, self.shapes, self.scale, self.cuda = compiled, shapes, scale, cuda
+        #: (name, is a per-token input: given without the T axis) in plan order
+        self.operands = tuple((n, n in rows) for n in compiled.plan.operand_names)
+        sh = shapes
+        self.shape_key = ShapeKey("step", _DTYPE_NAMES[sh.dtype], sh.B, sh.T, sh.H, sh.K, sh.V)
+        self._heuristic = None
+
+    def heuristic(self, ops: "MixerOps") -> KernelConfig:
+        if self._heuristic is None:
+            sh = self.shapes
+            self._heuristic = heuristic_config("step", sh.K, sh.V, _DTYPE_NAMES[sh.dtype],
+                                               interpret=sh.device.type != "cuda", decay=ops.plan.decay)
+        return self._heuristic
+
+    def context(self, xs, S, z, positions) -> CallContext:
+        """The CallContext of a step (what custom_ops.make_context builds, without re-reading shapes)."""
+        c = self.compiled
+        return CallContext(c.mixer, c.plan, c.module, dict(zip(c.plan.operand_names, xs)), self.shapes, self.scale,
+                           S, z, None, True, positions)
 
 
 # ---------------------------------------------------------------------------- call helpers

@@ -25,8 +25,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from mixforge.codegen.config import KernelConfig, ShapeKey
 
 from .cache import ConfigCache
@@ -230,37 +228,13 @@ def default_lookup() -> TunedLookup:
     return _default
 
 
-def _assume_constant(fn):
-    """Under torch.compile the lookup runs once while tracing and its answer is baked into the graph."""
-    try:
-        import torch._dynamo
-
-        return torch._dynamo.assume_constant_result(fn)
-    except Exception:  # pragma: no cover - a torch without dynamo
-        return fn
-
-
-@_assume_constant
-def _constant_lookup(mixer, kernel: str, dtype: str, B: int, T: int, H: int, K: int, V: int):
-    """Primitives in, a tuple (or None) out: what torch.compile can treat as a constant."""
-    c = default_lookup()(mixer, ShapeKey(kernel, dtype, B, T, H, K, V))
-    return None if c is None else (c.chunk, c.sub_chunk, c.BK, c.BV, c.num_warps, c.num_stages, c.strategy)
-
-
 def config_lookup(mixer, sk: ShapeKey) -> Optional[KernelConfig]:
     """The ConfigLookup the front door hands to compiled ops, backed by `default_lookup()`.
 
-    Safe inside torch.compile(fullgraph=True): the answer is computed once at trace
-    time. While tracing, B and T may be symbolic (dynamic shapes), and choosing a
-    bucket would need a guard on them, so a traced call takes the nearest tuned
-    bucket to T=4096, B*H=64 (every tuned config is valid for every T; only its
-    speed depends on the bucket). Eager calls use their exact bucket.
+    B = T = -1 (what a call traced by torch.compile asks with, see MixerOps.config)
+    takes the nearest tuned bucket to T=4096, B*H=64.
     """
-    B, T = sk.B, sk.T
-    if torch.compiler.is_compiling():
-        B, T = -1, -1
-    r = _constant_lookup(mixer, sk.kernel, sk.dtype, B, T, sk.H, sk.K, sk.V)
-    return None if r is None else KernelConfig(*r)
+    return default_lookup()(mixer, sk)
 
 
 def explain(mixer, kernel: str, B: int, T: int, H: int, K: int, V: int, dtype="bf16") -> Resolution:
