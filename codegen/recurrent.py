@@ -2,7 +2,7 @@
 
     forward(ctx, config) -> CoreForward
     backward(ctx, config, do, dS_T, dz_T) -> FeatureGrads
-    step(ctx, config, position) -> (o [B, H, V] fp32, S_new, z_new)
+    step(ctx, config, position, S_new=None, z_new=None) -> (o [B, H, V], S_new, z_new)
 
 One program per (sequence x head, value block) keeps its [K, BV] slice of
 the state in registers (all of K, padded to a power of two; BV from the
@@ -92,14 +92,24 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         dz0=dz0.sum(0) if dz0 is not None else None)
 
 
-def step(ctx: CallContext, config: KernelConfig, position: Optional[torch.Tensor]):
-    """One decoding step: ctx.tensors hold one token per sequence ([B, 1, H, ...] views), ctx.S0 the state."""
+def step(ctx: CallContext, config: KernelConfig, position: Optional[torch.Tensor], *,
+         S_new: Optional[torch.Tensor] = None, z_new: Optional[torch.Tensor] = None):
+    """One decoding step: ctx.tensors hold one token per sequence ([B, 1, H, ...] views), ctx.S0 the state.
+
+    Returns (o [B, H, V], S_new, z_new). o is fp32 when the mixer has an epilogue (gate or norm: it
+    reads o), else already y in the inputs' dtype (the kernel's store rounds, as `.to(dtype)` would).
+    S_new and z_new are allocated unless given. S_new may be ctx.S0 itself (an in-place update: each
+    program reads its own [K, BV] tile of the state before it writes it, and no other program touches
+    that tile); z_new may not be ctx.z0, since every value block reads z and only the first writes it.
+    """
     sh, plan = ctx.shapes, ctx.plan
     BK, BV, NV = tiles(sh.K, sh.V, config)
     f32 = dict(dtype=torch.float32, device=ctx.device)
-    o = torch.empty(sh.B, sh.H, sh.V, **f32)
-    S_new = torch.empty(sh.B, sh.H, sh.K, sh.V, **f32)
-    z_new = torch.empty(sh.B, sh.H, sh.K, **f32) if plan.normalize else None
+    o = torch.empty(sh.B, sh.H, sh.V, dtype=torch.float32 if plan.has_epilogue else sh.dtype, device=ctx.device)
+    if S_new is None:
+        S_new = torch.empty(sh.B, sh.H, sh.K, sh.V, **f32)
+    if plan.normalize and z_new is None:
+        z_new = torch.empty(sh.B, sh.H, sh.K, **f32)
     ctx.module.step_kernel[(sh.B * sh.H, NV)](
         *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_new, z_new, position, ctx.scale,
         H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV, **_launch(config, ctx.device))

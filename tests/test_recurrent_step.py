@@ -73,3 +73,14 @@ def test_step_errors_name_the_argument():
     bad = dict(x, q=x["q"][:, None])
     with pytest.raises(CallError, match="q: a step takes one token"):
         ops.step(position=0, **bad)
+
+
+def test_step_without_epilogue_returns_the_inputs_dtype():
+    mixer, ops = mf.zoo.mamba2, ops_for("mamba2")
+    x = random_inputs(mixer, B=2, T=1, H=2, K=8, V=8, dtype=torch.bfloat16, seed=47)
+    y, S = ops.step(**token(mixer, x, 0))
+    y_all, S_all = ops.recurrent(**x, output_final_state=True)
+    assert y.dtype == torch.bfloat16 and S.dtype == torch.float32
+    # the interpreter rounds fp32 -> bf16 by truncation in the kernel's store (a GPU rounds to nearest even)
+    torch.testing.assert_close(y.float(), y_all[:, 0].float(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(S, S_all)
