@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import mixforge as mf
+from mixforge.codegen import ops as ops_module
 from mixforge.spec.errors import CallError
 from mixforge.spec.testing import random_inputs
 
@@ -73,6 +74,33 @@ def test_step_errors_name_the_argument():
     bad = dict(x, q=x["q"][:, None])
     with pytest.raises(CallError, match="q: a step takes one token"):
         ops.step(position=0, **bad)
+
+
+def test_step_validates_a_layout_once_and_still_rejects_bad_calls(monkeypatch):
+    mixer, ops = mf.zoo.gla, mf.compile(mf.zoo.gla)
+    x = random_inputs(mixer, B=2, T=1, H=2, K=4, V=3, seed=46)
+    full = token(mixer, x, 0)
+    calls = []
+    real = ops_module.resolve_call
+    monkeypatch.setattr(ops_module, "resolve_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y1, S = ops.step(**full)
+    y2, S2 = ops.step(state=S, **full)
+    y3, _ = ops.step(state=S, **full)
+    assert len(calls) == 2                  # no state, then with a state: two layouts, each validated once
+    assert torch.equal(y2, y3)
+    # bad calls after good ones: the messages of a MixerOps that has cached nothing
+    fresh = mf.compile(mf.zoo.gla)
+    bad = [dict(full, q=full["q"][:, :, :3]), dict(full, v=full["v"].double()), dict(full, state=S[:, :, :, :2]),
+           dict(full, state=S, scale=True), dict(full, state=S, config={"BV": 16}), dict(full, state=S, bogus=S)]
+    for kw in bad:
+        with pytest.raises(CallError) as cached:
+            ops.step(**kw)
+        with pytest.raises(CallError) as first:
+            fresh.step(**kw)
+        assert str(cached.value) == str(first.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(CallError, match="CUDA device, or TRITON_INTERPRET=1"):
+        ops.step(state=S, **full)
 
 
 def test_step_without_epilogue_returns_the_inputs_dtype():
