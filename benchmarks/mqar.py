@@ -375,6 +375,9 @@ def train(mixer: str, cfg: MQARConfig, *, device: str = "cpu", ops_factory: Call
                 png = out / f"mqar_{mixer}_attention.png"
                 plot_checkpoint_attention(model, cfg, png, device=dev)
                 result["attention_png"] = str(png)
+                png = out / f"mqar_{mixer}_recall.png"
+                plot_checkpoint_attention(model, cfg, png, device=dev, recall=True)
+                result["recall_png"] = str(png)
             except Exception as e:  # the plot never costs the run its numbers
                 result["attention_png_error"] = f"{type(e).__name__}: {e}"
                 log(f"mqar: attention map not drawn: {result['attention_png_error']}")
@@ -403,16 +406,25 @@ def example_sequence(cfg: MQARConfig, device="cpu"):
 
 
 def plot_checkpoint_attention(model: MQARModel, cfg: MQARConfig, out, *, layer: int | None = None, heads=None,
-                              device="cpu", T: int | None = None):
+                              device="cpu", T: int | None = None, recall: bool = False,
+                              segment: tuple[int, int] | None = None):
     """Per-head attention on a held-out sequence: every layer (default) or one; queries marked.
 
     Each query row is marked on the left and the position of its answer (the
     value token that followed the queried key) is circled: a layer that does the
-    recall puts its weight on the circles.
+    recall puts its weight on the circles. recall=True draws only the query rows
+    against the key-value context, where that weight is visible (in the whole
+    map each answer is one pixel). segment=(seq_len, num_kv_pairs) draws a
+    sequence of another segment of the training mix (e.g. fewer pairs).
     """
     from mixforge.plotting import plot_attention_map
 
     layers = list(range(len(model.blocks))) if layer is None else [layer % len(model.blocks)]
+    if segment is not None:
+        L, P = segment
+        if L > cfg.seq_len:
+            raise ValueError(f"segment length {L} exceeds the model's seq_len {cfg.seq_len}")
+        cfg = cfg.segment(int(L), int(P))
     x, y = example_sequence(cfg, device)
     if T is not None:
         x, y = x[:, :T], y[:, :T]
@@ -432,9 +444,12 @@ def plot_checkpoint_attention(model: MQARModel, cfg: MQARConfig, out, *, layer: 
     points = [(t, context.index(int(y[0, t]))) for t in queries if int(y[0, t]) in context]
     first = model.blocks[0].mixer
     name = getattr(getattr(first, "mixer", None), "name", "softmax")
+    zoom = dict(rows=queries, cols=(0, 2 * cfg.num_kv_pairs)) if recall and queries else {}
+    what = (f"query rows against the {cfg.num_kv_pairs} key-value pairs" if zoom
+            else "queries marked")
     return plot_attention_map(torch.cat(maps, 1), heads=list(range(len(labels))), labels=labels, out=out,
-                              marks=queries, points=points, max_cols=max(2, len(maps[0][0])),
-                              title=f"MQAR {name}: queries marked, the positions of their answers circled")
+                              marks=queries, points=points, max_cols=max(2, len(maps[0][0])), **zoom,
+                              title=f"MQAR {name}: {what}, the positions of their answers circled")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,7 +2,7 @@
 
     mixforge attention-map gla --out gla.png [--T 64] [--heads 0,1] [--decay strong]
     mixforge attention-map examples/my_mixer.py:my_mixer --out mine.png
-    mixforge attention-map --checkpoint results/mqar_gla.pt --out recall.png [--layer 0]
+    mixforge attention-map --checkpoint results/mqar_gla.pt --out recall.png [--layer 0] [--recall] [--pairs 16]
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="an MQAR checkpoint (python -m benchmarks.mqar) to draw instead")
     p.add_argument("--layer", type=int, default=None, help="which layer of the checkpoint (default: all)")
+    p.add_argument("--recall", action="store_true",
+                   help="checkpoint: draw only the query rows against the key-value context")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="checkpoint: draw a held-out sequence with this many key-value pairs (default: the model's)")
     p.set_defaults(func=_cmd_attention_map)
 
 
@@ -82,7 +86,9 @@ def _cmd_attention_map(args) -> int:
         model, cfg = load_checkpoint(args.checkpoint)
         T = args.T if args.T != 64 else None           # default: the whole training length
         try:
-            plot_checkpoint_attention(model, cfg, args.out, layer=args.layer, heads=heads, T=T)
+            segment = None if args.pairs is None else (T or cfg.seq_len, args.pairs)
+            plot_checkpoint_attention(model, cfg, args.out, layer=args.layer, heads=heads,
+                                      T=None if segment else T, recall=args.recall, segment=segment)
         except ValueError as e:
             raise CallError(str(e)) from None
         which = "all layers" if args.layer is None else f"layer {args.layer % cfg.n_layers}"

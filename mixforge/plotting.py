@@ -54,7 +54,8 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
                        out: str | Path | None = None, batch: int = 0, title: str | None = None,
                        marks: Sequence[int] | None = None, points: Sequence[tuple[int, int]] | None = None,
                        cu_seqlens=None, scale=None, clip: float = 0.995,
-                       max_cols: int = 4, dpi: int = 120, labels: Sequence[str] | None = None):
+                       max_cols: int = 4, dpi: int = 120, labels: Sequence[str] | None = None,
+                       rows: Sequence[int] | None = None, cols: tuple[int, int] | None = None):
     """Draw per-head heatmaps; save to `out` (PNG, SVG, PDF by suffix) if given. Returns the Figure.
 
     source/inputs: (Mixer or zoo name, dict of its tensors), (MixerLayer, x), or (tensor [B,H,T,T], None).
@@ -62,6 +63,9 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
     marks: rows to mark (for example MQAR's query positions).
     points: (t, s) entries to circle (for example where each MQAR query should look).
     labels: panel titles, one per drawn head (default "head h").
+    rows, cols: zoom in: only the output positions `rows` (any list, drawn in that order) and the source
+      positions cols = (start, end). For MQAR, the query rows against the key-value context show the
+      recall that is one pixel wide in the whole map. marks/points keep their absolute positions.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -81,6 +85,18 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
 
     A = M[batch, heads].numpy()                                     # [h, T, T]
     future = np.triu(np.ones((T, T), dtype=bool), 1)
+    row_idx = np.arange(T) if rows is None else np.asarray(list(rows), dtype=np.int64)
+    s0, s1 = (0, T) if cols is None else (int(cols[0]), int(cols[1]))
+    if row_idx.size == 0 or row_idx.min() < 0 or row_idx.max() >= T:
+        raise ValueError(f"rows: expected output positions in [0, {T}), got {list(rows) if rows is not None else []}")
+    if not 0 <= s0 < s1 <= T:
+        raise ValueError(f"cols: expected (start, end) with 0 <= start < end <= {T}, got {cols}")
+    A, future = A[:, row_idx, s0:s1], future[row_idx, s0:s1]
+    row_of = {int(t): i for i, t in enumerate(row_idx)}
+    if marks:
+        marks = [row_of[t] for t in marks if t in row_of]
+    if points:
+        points = [(row_of[t], s - s0) for t, s in points if t in row_of and s0 <= s < s1]
     past = A[:, ~future]
     finite = past[np.isfinite(past)]
     signed = finite.size > 0 and finite.min() < -1e-12 * max(1.0, np.abs(finite).max())
@@ -94,11 +110,11 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
     n = len(heads)
     if labels is not None and len(labels) != n:
         raise ValueError(f"labels: expected {n} titles (one per drawn head), got {len(labels)}")
-    cols = min(n, max_cols)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.2 * cols + 1.0, 3.1 * rows + (0.5 if title else 0.2)), dpi=dpi)
+    ncols = min(n, max_cols)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.2 * ncols + 1.0, 3.1 * nrows + (0.5 if title else 0.2)), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     import matplotlib
 
     cm = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")
@@ -108,17 +124,22 @@ def plot_attention_map(source: Any, inputs: Any = None, *, heads: Sequence[int] 
             ax.set_axis_off()
             continue
         data = np.ma.array(A[i], mask=future | ~np.isfinite(A[i]))
-        im = ax.imshow(data, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
+        im = ax.imshow(data, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest",
+                       aspect="equal" if rows is None and cols is None else "auto",
+                       extent=(s0 - 0.5, s1 - 0.5, len(row_idx) - 0.5, -0.5))
         ax.set_title(labels[i] if labels is not None else f"head {heads[i]}", fontsize=9)
         ax.tick_params(labelsize=7)
-        if i % cols == 0:
+        if rows is not None:     # the drawn rows are a selection: label them with their positions
+            ticks = np.linspace(0, len(row_idx) - 1, min(6, len(row_idx))).round().astype(int)
+            ax.set_yticks(ticks, [str(int(row_idx[j])) for j in ticks])
+        if i % ncols == 0:
             ax.set_ylabel("output position t", fontsize=8)
-        if i // cols == rows - 1:
+        if i // ncols == nrows - 1:
             ax.set_xlabel("source position s", fontsize=8)
         if marks:
-            ax.scatter([-0.5] * len(marks), list(marks), marker=">", s=6, c="black", clip_on=False)
+            ax.scatter([s0 - 0.5] * len(marks), list(marks), marker=">", s=6, c="black", clip_on=False)
         if points:
-            ax.scatter([p[1] for p in points], [p[0] for p in points], marker="o", s=30, facecolors="none",
+            ax.scatter([p[1] + s0 for p in points], [p[0] for p in points], marker="o", s=30, facecolors="none",
                        edgecolors="black", linewidths=0.6)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="M[t, s]")

@@ -37,6 +37,26 @@ def test_mixer_map_is_drawn_per_head(tmp_path):
     assert lo == -hi and hi > 0
 
 
+def test_zoomed_map_draws_the_chosen_rows_and_columns():
+    M = torch.randn(1, 2, 10, 10, dtype=torch.float64)
+    rows, cols = [7, 3, 9], (2, 6)
+    fig = mf.plot_attention_map(M, rows=rows, cols=cols, points=[(7, 4), (3, 0), (5, 3)], marks=[9, 5])
+    for img, h in zip(_images(fig), range(2)):
+        data = img.get_array()
+        expect = M[0, h][rows][:, 2:6].numpy()
+        future = np.triu(np.ones((10, 10), bool), 1)[rows][:, 2:6]
+        assert data.shape == (3, 4) and (data.mask == future).all()
+        np.testing.assert_allclose(data.data[~future], expect[~future])
+        assert img.get_extent() == [1.5, 5.5, 2.5, -0.5]               # columns keep their positions
+    ax = next(ax for ax in fig.axes if ax.images)
+    circled = ax.collections[-1].get_offsets().tolist()
+    assert circled == [[4.0, 0.0]]                                     # (3, 0) is left of cols, (5, 3) not a row
+    with pytest.raises(ValueError, match="rows"):
+        mf.plot_attention_map(M, rows=[10])
+    with pytest.raises(ValueError, match="cols"):
+        mf.plot_attention_map(M, cols=(4, 4))
+
+
 def test_nonnegative_maps_get_a_sequential_colormap():
     x = random_inputs(mf.zoo.linear_attention, B=1, T=10, H=2, K=4, V=4, dtype=torch.float64, seed=1)
     fig = mf.plot_attention_map("linear_attention", x)
@@ -96,5 +116,9 @@ def test_cli_attention_map_of_an_mqar_checkpoint(tmp_path):
     r = mqar.train("softmax", cfg, log=None, out=tmp_path)
     out = tmp_path / "ck.png"
     assert cli_main(["attention-map", "--checkpoint", r["checkpoint"], "--out", str(out), "--layer", "0"]) == 0
+    assert out.read_bytes()[:8] == PNG
+    assert r["recall_png"].endswith("mqar_softmax_recall.png") and Path(r["recall_png"]).read_bytes()[:8] == PNG
+    assert cli_main(["attention-map", "--checkpoint", r["checkpoint"], "--out", str(out), "--recall",
+                     "--pairs", "1"]) == 0
     assert out.read_bytes()[:8] == PNG
     assert cli_main(["attention-map", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
