@@ -1,13 +1,25 @@
 """Generated kernels against the hand-written peers, side by side in one run.
 
-    python -m benchmarks.compare [--quick] [--only gla,mamba2] [--out benchmarks/results]
+    python -m benchmarks.compare [--quick] [--only gla,mamba2] [--shapes 16,2048,128,128;...] [--out DIR]
+    python -m benchmarks.compare --warmup-jobs 8 ...     # first calls (compile, peers' autotuning) in parallel
 
 Each row declares the computation once as a mixforge Mixer and maps the same
 random inputs onto the peer's interface (flash-linear-attention, Mamba-2's
 SSD, PyTorch SDPA). Before timing, outputs are compared with the peer on the
 same inputs; a missing peer is reported as missing, never silently skipped.
 Timings are `triton.testing.do_bench` medians. The JSON result holds device,
-versions, date, the measured copy and matmul rates, and every row.
+versions, date, the measured copy and matmul rates, and every row. Every
+mixer is also timed against PyTorch's SDPA causal attention at the same shape
+(rows with peer "torch.sdpa"; SDPA is measured once per shape).
+
+--warmup-jobs N runs every case's first call (our kernels' compilation, the
+peers' compilation and Triton autotuning, which takes FLA minutes per kernel
+on a fresh machine) in N parallel processes sharing TRITON_CACHE_DIR before
+anything is timed; the timing itself then runs alone, one case after the
+other. The peers' autotuning runs its own timing loops while the other
+processes compile and time, so on a busy GPU it may pick a slightly
+different config than it would alone; their times are then measured here
+with whatever config they picked.
 """
 from __future__ import annotations
 
@@ -148,10 +160,12 @@ CASES = [
     Case("gla_recurrent", GLA_CORE, "fla.fused_recurrent_gla", peer_fused_recurrent_gla, path="recurrent"),
     Case("mamba2", MAMBA2, "mamba_ssm.ssd", peer_mamba2, G=1),
 ]
-SDPA_CASES = ["gla", "mamba2", "linear_attention"]
 
 
 # --------------------------------------------------------------------------- measurement
+
+AGREE_TOL = 2e-2   # bf16 outputs of the same computation: a few 1e-3 expected (ALGORITHMS.md §5)
+
 
 def rel_err(a, b):
     a, b = a.double(), b.double()
@@ -262,7 +276,39 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
             row["ratio"] = row["peer_ms"] / row["ms"]
         if p == "fwd":
             row["roofline_ms"] = roofline_ms(case.mixer, x, rates)
+            if "ms" in row:
+                row["roofline_fraction"] = row["roofline_ms"] / row["ms"]
+        if agree is not None:
+            row["agrees"] = agree <= AGREE_TOL
         rows.append(row)
+    return rows
+
+
+def sdpa_times(B, T, H, K, V, dtype) -> dict:
+    """SDPA causal attention at this shape, fwd and fwd+bwd: {pass: (ms, peak bytes)} (measured once)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = [torch.randn(B, T, H, d, device="cuda", dtype=dtype, generator=g) for d in (K, K, V)]
+    x = dict(q=qkv[0], k=qkv[1], v=qkv[2])
+    run = peer_sdpa(x, {})
+    out = {}
+    for p in ("fwd", "fwd+bwd"):
+        out[p] = measure(run, list(x.values()), p)
+        for t_ in x.values():
+            t_.requires_grad_(False)
+            t_.grad = None
+    return out
+
+
+def sdpa_rows(ours: list[dict], sdpa: dict) -> list[dict]:
+    """Each measured row of ours again, against SDPA's time at the same shape."""
+    rows = []
+    for r in ours:
+        if "ms" not in r or r.get("pass") not in sdpa:
+            continue
+        ms, peak = sdpa[r["pass"]]
+        rows.append({k: r[k] for k in ("mixer", "B", "T", "H", "K", "V", "dtype", "path", "pass", "ms",
+                                       "peak_bytes") if k in r}
+                    | dict(peer="torch.sdpa", peer_ms=ms, peer_peak_bytes=peak, ratio=ms / r["ms"]))
     return rows
 
 
@@ -283,52 +329,134 @@ def versions() -> dict:
     return info
 
 
+SHAPES = [(16, 2048, 128, 128), (4, 8192, 128, 128), (1, 32768, 128, 128), (8, 4096, 64, 64), (8, 4096, 256, 256)]
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(sh) != 4 or min(sh) < 1 for sh in shapes):
+        raise SystemExit(f"--shapes: expected B,T,K,V[;B,T,K,V...] with positive integers, got {text!r}")
+    return shapes
+
+
+def _cases(only: set) -> list[Case]:
+    unknown = only - {c.name for c in CASES}
+    if unknown:
+        raise SystemExit(f"--only: unknown case(s) {sorted(unknown)}; choose from {', '.join(c.name for c in CASES)}")
+    return [c for c in CASES if not only or c.name in only]
+
+
+def _shapes_of(case: Case, shapes):
+    return [sh for sh in shapes if not (case.path == "recurrent" and sh[1] > 2048)]
+
+
+def warm_one(case: Case, shapes, peers: bool) -> None:
+    """One case's first calls at every shape (compilation, autotuning), nothing timed."""
+    ops = mf.compile(case.mixer)
+    for (B, T, K, V) in _shapes_of(case, shapes):
+        x = random_inputs(case.mixer, B=B, T=T, H=16, K=K, V=V, G=case.G, dtype=torch.bfloat16, device="cuda",
+                          seed=0)
+        runs = [lambda: getattr(ops, case.path)(**x)[0]]
+        if peers:
+            try:
+                runs.append(case.make_peer(x, {"scale": default_scale(case.mixer, K)}))
+            except Exception as e:
+                print(f"[warm {case.name}] peer: {type(e).__name__}: {e}", flush=True)
+        for run in runs:
+            try:
+                for t_ in x.values():
+                    t_.requires_grad_(True)
+                run().float().sum().backward()
+            except Exception as e:
+                print(f"[warm {case.name}] {type(e).__name__}: {str(e)[:200]}", flush=True)
+            for t_ in x.values():
+                t_.grad = None
+        torch.cuda.synchronize()
+
+
+def warm_all(cases, shapes, jobs: int, peers: bool) -> float:
+    """Every case's first calls in up to `jobs` parallel processes; returns the wall time."""
+    import subprocess
+
+    t0 = time.time()
+    spec = ";".join(",".join(map(str, sh)) for sh in shapes)
+    todo = [c.name for c in cases]
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            name = todo.pop(0)
+            cmd = [sys.executable, "-m", "benchmarks.compare", "--warm-one", name, "--shapes", spec]
+            if not peers:
+                cmd.append("--no-peers")
+            running.append((name, time.time(), subprocess.Popen(cmd)))
+        time.sleep(0.5)
+        for item in list(running):
+            name, started, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                print(f"[warm] {name}: exit {proc.returncode} after {time.time() - started:.0f}s", flush=True)
+    return time.time() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="", help="comma-separated case names")
-    ap.add_argument("--quick", action="store_true", help="T=2048 only")
+    ap.add_argument("--quick", action="store_true", help="the first shape only (B=16, T=2048, K=V=128)")
+    ap.add_argument("--shapes", default=None, help="B,T,K,V;B,T,K,V... (H = 16, bf16); default: all five")
     ap.add_argument("--peers-only", action="store_true", help="time the peers without mixforge kernels")
     ap.add_argument("--no-peers", action="store_true", help="time mixforge's kernels only (no peer autotuning)")
+    ap.add_argument("--no-sdpa", action="store_true", help="leave out the SDPA rows")
+    ap.add_argument("--warmup-jobs", type=int, default=0,
+                    help="first calls of every case in this many parallel processes before timing")
+    ap.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.compare needs a CUDA device", file=sys.stderr)
         return 2
+    shapes = _parse_shapes(args.shapes) if args.shapes else (SHAPES[:1] if args.quick else SHAPES)
+    cases = _cases(set(filter(None, args.only.split(","))))
+    if args.warm_one:
+        warm_one(_cases({args.warm_one})[0], shapes, peers=not args.no_peers)
+        return 0
     info = versions()
+    if args.warmup_jobs > 0:
+        info["warmup_s"] = warm_all(cases, shapes, args.warmup_jobs, peers=not args.no_peers)
     rates = machine_rates()
     info["rates"] = rates
     dtype = torch.bfloat16
     H = 16
-    shapes = [(16, 2048, 128, 128)]
-    if not args.quick:
-        shapes += [(4, 8192, 128, 128), (1, 32768, 128, 128), (8, 4096, 64, 64), (8, 4096, 256, 256)]
-    only = set(filter(None, args.only.split(",")))
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = out / f"compare-{stamp}.json"
+    sdpa: dict = {}
 
     def save():  # after every case: a run cut short by its time limit keeps what it measured
         path.write_text(json.dumps({**info, "rows": rows}, indent=1))
-    for case in CASES:
-        if only and case.name not in only:
-            continue
+    for case in cases:
         ops = None
         if not args.peers_only:
             try:
                 ops = mf.compile(case.mixer)
             except Exception as e:
                 print(f"[{case.name}] compile failed: {e}")
-        for (B, T, K, V) in shapes:
-            if case.path == "recurrent" and T > 2048:
-                continue
+        for (B, T, K, V) in _shapes_of(case, shapes):
             t0 = time.time()
             try:
                 if ops is None:
                     rows += _peer_only(case, B, T, H, K, V, dtype)
                 else:
-                    rows += run_case(case, ops, B, T, H, K, V, dtype, rates, peers=not args.no_peers)
+                    ours = run_case(case, ops, B, T, H, K, V, dtype, rates, peers=not args.no_peers)
+                    rows += ours
+                    if not args.no_sdpa:
+                        if (B, T, K, V) not in sdpa:
+                            sdpa[(B, T, K, V)] = sdpa_times(B, T, H, K, V, dtype)
+                        rows += sdpa_rows(ours, sdpa[(B, T, K, V)])
             except Exception:
                 rows.append(dict(mixer=case.name, B=B, T=T, K=K, V=V, error=traceback.format_exc()[-800:]))
             print(f"[{case.name}] B={B} T={T} K={K} V={V}: {time.time() - t0:.1f}s", flush=True)

@@ -1,0 +1,136 @@
+"""Plot and tabulate a `benchmarks.compare` result.
+
+    python -m benchmarks.plot_compare benchmarks/results/compare-<stamp>.json [--out compare.png] [--markdown]
+
+The PNG has one panel per variant (mixer): time against T at K = V = 128
+(B*T = 32768, so every point moves the same number of tokens), forward and
+forward+backward, ours solid and the peer dashed, with the forward's HBM
+roofline floor (inputs read once, output written once, at the copy rate
+measured in the same run) drawn in. `--markdown` prints the README table:
+every row with both times, the ratio (peer / ours, > 1 means mixforge is
+faster), peak memory and the roofline fraction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if "rows" not in data:
+        raise SystemExit(f"{path}: not a benchmarks.compare result (no 'rows')")
+    return data
+
+
+def plot(data: dict, out, K: int = 128) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = defaultdict(lambda: defaultdict(dict))     # mixer -> (who, pass) -> T -> ms
+    floor = defaultdict(dict)                           # mixer -> T -> roofline ms
+    peers = {}
+    for r in data["rows"]:
+        if r.get("K") != K or r.get("peer") == "torch.sdpa" or "pass" not in r:
+            continue
+        m = r["mixer"]
+        if isinstance(r.get("ms"), (int, float)):
+            series[m][("mixforge", r["pass"])][r["T"]] = r["ms"]
+        if isinstance(r.get("peer_ms"), (int, float)):
+            series[m][("peer", r["pass"])][r["T"]] = r["peer_ms"]
+            peers[m] = r.get("peer", "peer")
+        if r["pass"] == "fwd" and isinstance(r.get("roofline_ms"), (int, float)):
+            floor[m][r["T"]] = r["roofline_ms"]
+    sdpa = defaultdict(dict)
+    for r in data["rows"]:
+        if r.get("K") == K and r.get("peer") == "torch.sdpa" and isinstance(r.get("peer_ms"), (int, float)):
+            sdpa[r["pass"]][r["T"]] = r["peer_ms"]
+    mixers = sorted(series)
+    if not mixers:
+        raise SystemExit(f"no rows at K = {K} to plot")
+    cols = min(4, len(mixers))
+    nrows = math.ceil(len(mixers) / cols)
+    fig = Figure(figsize=(4.0 * cols, 3.3 * nrows + 0.6), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    colors = {"fwd": "tab:blue", "fwd+bwd": "tab:red"}
+    for ax, m in zip(axes.flat, mixers):
+        for (who, p), pts in sorted(series[m].items()):
+            Ts = sorted(pts)
+            label = f"{'mixforge' if who == 'mixforge' else peers.get(m, 'peer')} {p}"
+            ax.plot(Ts, [pts[t] for t in Ts], marker="o", ms=3, color=colors[p],
+                    linestyle="-" if who == "mixforge" else "--", label=label)
+        for p, pts in sdpa.items():
+            Ts = sorted(pts)
+            ax.plot(Ts, [pts[t] for t in Ts], color=colors[p], alpha=0.35, linestyle=":", label=f"SDPA {p}")
+        if floor[m]:
+            Ts = sorted(floor[m])
+            ax.plot(Ts, [floor[m][t] for t in Ts], color="black", linewidth=1.0, label="fwd HBM roofline")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("T (B*T = 32768)", fontsize=8)
+        ax.set_ylabel("ms (median)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(mixers):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{data.get('device', '?')}, bf16, H = 16, K = V = {K}; torch {data.get('torch')}, "
+                 f"Triton {data.get('triton')}, {data.get('date', '')[:10]}", fontsize=9)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
+def _fmt(v, f="{:.3f}"):
+    return f.format(v) if isinstance(v, (int, float)) else "–"
+
+
+def markdown(data: dict) -> str:
+    lines = ["| mixer | peer | B | T | K | pass | mixforge ms | peer ms | ratio | mem ours / peer (MB) | roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "pass" not in r:
+            lines.append(f"| {r.get('mixer')} | {r.get('peer', '')} | {r.get('B')} | {r.get('T')} | {r.get('K')} "
+                         f"| | error | | | | |")
+            continue
+        peer_ms = r.get("peer_ms")
+        if peer_ms is None:
+            why = r.get("peer_error") or r.get("peer_missing") or ""
+            peer_ms_txt = "refuses" if "refuse" in why.lower() or "miscompil" in why.lower() else \
+                ("missing" if r.get("peer_missing") else "error")
+        else:
+            peer_ms_txt = _fmt(peer_ms)
+        mem = (f"{r['peak_bytes'] / 2**20:.0f} / {r['peer_peak_bytes'] / 2**20:.0f}"
+               if isinstance(r.get("peak_bytes"), int) and isinstance(r.get("peer_peak_bytes"), int) else "–")
+        ratio = _fmt(r.get("ratio"), "{:.2f}")
+        if r.get("agrees") is False:
+            ratio += " (outputs differ)"
+        lines.append(f"| {r['mixer']} | {r.get('peer', '')} | {r['B']} | {r['T']} | {r['K']} | {r['pass']} | "
+                     f"{_fmt(r.get('ms'))} | {peer_ms_txt} | {ratio} | {mem} | "
+                     f"{_fmt(r.get('roofline_fraction'), '{:.0%}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot_compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("result", help="a compare-*.json written by python -m benchmarks.compare")
+    p.add_argument("--out", default=None, help="the PNG (default: next to the JSON, .png)")
+    p.add_argument("--K", type=int, default=128, help="which K the plot shows (default 128)")
+    p.add_argument("--markdown", action="store_true", help="print the README table")
+    a = p.parse_args(argv)
+    data = load(a.result)
+    out = plot(data, a.out or Path(a.result).with_suffix(".png"), K=a.K)
+    print(f"wrote {out}")
+    if a.markdown:
+        print(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

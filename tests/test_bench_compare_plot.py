@@ -1,0 +1,65 @@
+"""benchmarks.plot_compare: the PNG and the README table from a compare result (no GPU needed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import plot_compare  # noqa: E402
+
+
+def _result(tmp_path):
+    rows = []
+    for T, B in ((2048, 16), (8192, 4), (32768, 1)):
+        for p, ms, peer in (("fwd", 0.4, 0.5), ("fwd+bwd", 2.0, 2.2)):
+            rows.append(dict(mixer="gla", peer="fla.chunk_gla", B=B, T=T, H=16, K=128, V=128, dtype="bfloat16",
+                             **{"pass": p}, ms=ms, peer_ms=peer, ratio=peer / ms, peak_bytes=3 << 20,
+                             peer_peak_bytes=4 << 20, agrees=True,
+                             **({"roofline_ms": 0.2, "roofline_fraction": 0.5} if p == "fwd" else {})))
+            rows.append(dict(mixer="gla", peer="torch.sdpa", B=B, T=T, H=16, K=128, V=128, **{"pass": p}, ms=ms,
+                             peer_ms=1.0, ratio=1.0 / ms, peak_bytes=1, peer_peak_bytes=1))
+    rows.append(dict(mixer="scalar_decay", peer="fla.chunk_simple_gla", B=16, T=2048, H=16, K=128, V=128,
+                     **{"pass": "fwd+bwd"}, ms=3.0, peer_error="RuntimeError: refuses (Triton miscompile)"))
+    rows.append(dict(mixer="mamba2", B=16, T=2048, K=128, V=128, error="Traceback ..."))
+    path = tmp_path / "compare-x.json"
+    path.write_text(json.dumps({"device": "H100", "torch": "2.11", "triton": "3.6", "date": "2026-11-22",
+                                "rows": rows}))
+    return path
+
+
+def test_plot_and_markdown(tmp_path, capsys):
+    path = _result(tmp_path)
+    assert plot_compare.main([str(path), "--markdown"]) == 0
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "| gla | fla.chunk_gla | 16 | 2048 | 128 | fwd | 0.400 | 0.500 | 1.25 | 3 / 4 | 50% |" in table
+    assert "| scalar_decay | fla.chunk_simple_gla | 16 | 2048 | 128 | fwd+bwd | 3.000 | refuses |" in table
+    assert "| mamba2 |" in table and "error" in table
+
+
+def test_not_a_compare_result(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="not a benchmarks.compare result"):
+        plot_compare.main([str(bad)])
+
+
+def test_compare_helpers_without_a_gpu():
+    from benchmarks import compare
+
+    assert compare._parse_shapes("16,2048,128,128; 8,4096,64,64") == [(16, 2048, 128, 128), (8, 4096, 64, 64)]
+    for bad in ("16,2048,128", "a,b,c,d", "", "0,1,1,1"):
+        with pytest.raises(SystemExit, match="--shapes"):
+            compare._parse_shapes(bad)
+    with pytest.raises(SystemExit, match="unknown case"):
+        compare._cases({"glaa"})
+    assert [c.name for c in compare._cases({"gla", "mamba2"})] == ["gla", "mamba2"]
+    rec = next(c for c in compare.CASES if c.path == "recurrent")
+    assert compare._shapes_of(rec, compare.SHAPES) == [(16, 2048, 128, 128)]
+    ours = [dict(mixer="gla", B=1, T=8, H=2, K=4, V=4, dtype="bfloat16", path="chunk", **{"pass": "fwd"}, ms=2.0,
+                 peak_bytes=10), dict(mixer="gla", B=1, T=8, **{"pass": "fwd+bwd"}, error="boom")]
+    rows = compare.sdpa_rows(ours, {"fwd": (1.0, 5), "fwd+bwd": (3.0, 7)})
+    assert rows == [dict(mixer="gla", B=1, T=8, H=2, K=4, V=4, dtype="bfloat16", path="chunk", **{"pass": "fwd"},
+                         ms=2.0, peak_bytes=10, peer="torch.sdpa", peer_ms=1.0, peer_peak_bytes=5, ratio=0.5)]
