@@ -177,7 +177,9 @@ def check(ops, B, args):
     return dy, dS
 
 
-def run_case(bench: Bench, name: str, B: int, args, floor_us: float) -> None:
+def run_case(bench: Bench, name: str, B: int, args, floor_us: float) -> int:
+    """Every measurement of one (mixer, B); a failing one is recorded and the others still run. Returns the
+    number of failures."""
     import mixforge as mf
     from mixforge.codegen.config import KernelConfig
 
@@ -186,64 +188,74 @@ def run_case(bench: Bench, name: str, B: int, args, floor_us: float) -> None:
     full, inputs = token(mixer, B, args, seed=1)
     dev = args.device
     row = dict(mixer=name, B=B, floor_us=floor_us)
+    uses_t = ops.plan.uses_t
+    pos = dict(position=0) if uses_t else {}
+    failed = 0
+
+    def attempt(method, measure, **extra):
+        nonlocal failed
+        try:
+            bench.add(**row, method=method, **extra, **measure())
+        except Exception as e:
+            failed += 1
+            traceback.print_exc()
+            bench.add(**row, method=method, **extra, error=f"{type(e).__name__}: {e}")
+
+    def timed(fn, steps=None, repeats=None, device=False):
+        us = loop_us(fn, steps or args.steps, dev, repeats or args.repeats)
+        out = dict(us_per_step=us, ratio_to_floor=us / floor_us)
+        if device:
+            dus = device_us(fn, dev)
+            out.update(device_us=dus, device_ratio_to_floor=dus / floor_us if dus else None)
+        return out
 
     # (a) ops.step as a user's loop calls it
-    box = {"S": start_state(ops, B, args), "t": 0}
-    uses_t = ops.plan.uses_t
+    def plain_step():
+        box = {"S": start_state(ops, B, args), "t": 0}
 
-    def plain():
-        pos = {"position": box["t"]} if uses_t else {}
-        box["t"] += 1
-        _, box["S"] = ops.step(state=box["S"], **pos, **full)
-    us = loop_us(plain, args.steps, dev, args.repeats)
-    bench.add(**row, method="ops.step", us_per_step=us, ratio_to_floor=us / floor_us)
+        def plain():
+            p = {"position": box["t"]} if uses_t else {}
+            box["t"] += 1
+            _, box["S"] = ops.step(state=box["S"], **p, **full)
+        return timed(plain)
+    attempt("ops.step", plain_step)
 
     # (b) the decoder: copy + replay, replay alone, eager launches on its buffers
-    pos = dict(position=0) if uses_t else {}
-    dec = ops.decoder(state=start_state(ops, B, args), **pos, **full)
-    us = loop_us(lambda: dec(**inputs), args.steps, dev, args.repeats)
-    bench.add(**row, method="decoder", us_per_step=us, ratio_to_floor=us / floor_us, config=dec.config.to_dict(),
-              graph=dec._use_graph)
-    us = loop_us(dec.run, args.steps, dev, args.repeats)
-    dus = device_us(dec.run, dev)
-    bench.add(**row, method="decoder.run", us_per_step=us, ratio_to_floor=us / floor_us, device_us=dus,
-              device_ratio_to_floor=dus / floor_us if dus else None)
-    eager = ops.decoder(state=start_state(ops, B, args), graph=False, **pos, **full)
-    us = loop_us(lambda: eager(**inputs), args.steps, dev, args.repeats)
-    bench.add(**row, method="decoder eager", us_per_step=us, ratio_to_floor=us / floor_us)
+    def decoder(method):
+        def measure():
+            graph = False if method == "decoder eager" else None
+            dec = ops.decoder(state=start_state(ops, B, args), graph=graph, **pos, **full)
+            fn = dec.run if method == "decoder.run" else (lambda: dec(**inputs))
+            return dict(timed(fn, device=method == "decoder.run"), config=dec.config.to_dict(), graph=dec._use_graph)
+        return measure
+    for method in ("decoder", "decoder.run", "decoder eager"):
+        attempt(method, decoder(method))
 
-    dy, dS = check(ops, B, args)
-    bench.add(**row, method="check decoder vs ops.step", max_abs_diff_y=dy, max_abs_diff_state=dS,
-              ok=dy <= 1e-2 and dS <= 1e-4)
+    def compare():
+        dy, dS = check(ops, B, args)
+        return dict(max_abs_diff_y=dy, max_abs_diff_state=dS, ok=dy <= 1e-2 and dS <= 1e-4)
+    attempt("check decoder vs ops.step", compare)
 
     # (c) FLA's fused_recurrent at T = 1
-    fla_row = dict(row, method=f"fla {FLA[name][1]}")
+    fla = f"fla {FLA[name][1]}"
     if args.smoke:
-        bench.add(**fla_row, missing="skipped under --smoke")
+        bench.add(**row, method=fla, missing="skipped under --smoke")
     else:
         try:
             fn = fla_step(name, full, B, args)
         except Exception as e:   # FLA not installed, or an API it does not have
-            bench.add(**fla_row, missing=f"{type(e).__name__}: {e}")
+            bench.add(**row, method=fla, missing=f"{type(e).__name__}: {e}")
         else:
-            try:
-                us = loop_us(fn, args.steps, dev, args.repeats)
-                bench.add(**fla_row, us_per_step=us, ratio_to_floor=us / floor_us, device_us=device_us(fn, dev))
-            except Exception as e:
-                bench.add(**fla_row, error=f"{type(e).__name__}: {e}")
+            attempt(fla, lambda: timed(fn, device=True))
 
     # (d) other step configs: the replay's GPU time (one config in --smoke, to exercise the code)
     for BV, warps in (SWEEP[:1] if args.smoke else SWEEP if args.sweep else []):
-        cfg = KernelConfig(BV=BV, num_warps=warps, num_stages=1)
-        try:
+        def sweep(BV=BV, warps=warps):
+            cfg = KernelConfig(BV=BV, num_warps=warps, num_stages=1)
             d = ops.decoder(state=start_state(ops, B, args), config=cfg, **pos, **full)
-            us = loop_us(d.run, args.steps if args.smoke else max(10, args.steps // 4), dev, 1)
-            dus = device_us(d.run, dev)
-            bench.add(**row, method="sweep decoder.run", BV=BV, num_warps=warps, us_per_step=us, device_us=dus,
-                      device_ratio_to_floor=dus / floor_us if dus else None)
-            del d
-        except Exception as e:
-            bench.add(**row, method="sweep decoder.run", BV=BV, num_warps=warps, error=f"{type(e).__name__}: {e}")
+            return timed(d.run, steps=args.steps if args.smoke else max(10, args.steps // 4), repeats=1, device=True)
+        attempt("sweep decoder.run", sweep, BV=BV, num_warps=warps)
+    return failed
 
 
 def fla_step(name: str, full: dict, B: int, args):
@@ -338,7 +350,7 @@ def main(argv=None) -> int:
             floor = 2 * B * args.H * args.K * args.V * 4 / rate * 1e6
             bench.add(mixer=name, B=B, method="floor", floor_us=floor, copy_bytes_per_s=rate)
             try:
-                run_case(bench, name, B, args, floor)
+                failed += run_case(bench, name, B, args, floor)
             except Exception as e:
                 failed += 1
                 traceback.print_exc()
