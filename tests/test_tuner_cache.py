@@ -223,6 +223,7 @@ def test_front_door_lookup_traces_under_torch_compile(tmp_path, monkeypatch):
     import torch
 
     import mixforge as mf
+    from mixforge.spec.shapes import CallShapes
     from mixforge.tuner.lookup import default_lookup
 
     monkeypatch.setenv("MIXFORGE_CACHE_DIR", str(tmp_path))
@@ -232,12 +233,11 @@ def test_front_door_lookup_traces_under_torch_compile(tmp_path, monkeypatch):
         ConfigCache().put(make_key(gla.content_hash, "chunk_fwd", "fp32", 2, T, 2, 16, 16),
                           KernelConfig(chunk=chunk, sub_chunk=8, BV=16), 1.0)
 
-    class Holder:
-        mixer = gla
+    ops = mf.compile(gla)
 
     def f(x):
-        cfg = mf._config_lookup(Holder.mixer, ShapeKey("chunk_fwd", "fp32", x.shape[0], x.shape[1], 2, 16, 16))
-        return x * (0 if cfg is None else cfg.chunk)
+        B, T = x.shape
+        return x * ops.config("chunk_fwd", CallShapes(B, T, 2, 16, 16, B, (), torch.float32, x.device, False)).chunk
 
     assert f(torch.ones(2, 8)).max() == 8   # eager: the exact bucket
     for dynamic in (False, True):
