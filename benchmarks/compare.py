@@ -377,6 +377,34 @@ def warm_one(case: Case, shapes, peers: bool) -> None:
         torch.cuda.synchronize()
 
 
+def tune_cases(cases, shapes, trials: int, time_limit) -> list[dict]:
+    """mf.tune for every case at one shape per (K, V) (the first listed), fwd and bwd kernels of its path."""
+    t0 = time.time()
+    done = []
+    for case in cases:
+        seen = set()
+        for (B, T, K, V) in _shapes_of(case, shapes):
+            if (K, V) in seen:
+                continue
+            seen.add((K, V))
+            left = None if time_limit is None else time_limit - (time.time() - t0)
+            if left is not None and left <= 5:
+                done.append(dict(mixer=case.name, K=K, V=V, skipped="time limit"))
+                continue
+            t1 = time.time()
+            try:
+                report = mf.tune(case.mixer, (B, T, 16, K, V), "bf16", trials=trials, timeout=left,
+                                 kernels=[f"{case.path}_fwd", f"{case.path}_bwd"])
+                rows = [dict(kernel=r.kernel, time_ms=r.time_ms, speedup=r.speedup, trials=r.trials_run,
+                             cache_hit=r.cache_hit, config=r.config.to_dict() if r.config else None)
+                        for r in report]
+            except Exception as e:
+                rows = [dict(error=f"{type(e).__name__}: {str(e)[:300]}")]
+            done.append(dict(mixer=case.name, B=B, T=T, K=K, V=V, wall_s=time.time() - t1, kernels=rows))
+            print(f"[tune {case.name}] K={K}: {json.dumps(rows, default=str)[:400]}", flush=True)
+    return done
+
+
 def warm_all(cases, shapes, jobs: int, peers: bool) -> float:
     """Every case's first calls in up to `jobs` parallel processes; returns the wall time."""
     import subprocess
@@ -412,6 +440,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sdpa", action="store_true", help="leave out the SDPA rows")
     ap.add_argument("--warmup-jobs", type=int, default=0,
                     help="first calls of every case in this many parallel processes before timing")
+    ap.add_argument("--tune-trials", type=int, default=0,
+                    help="tune every case first (mf.tune, this many trials per kernel, one shape per K: the "
+                         "lookup uses those configs at every T); cached in MIXFORGE_CACHE_DIR, so a later run "
+                         "with the same cache times the tuned kernels without tuning again")
+    ap.add_argument("--tune-only", action="store_true", help="tune (--tune-trials) and exit")
+    ap.add_argument("--tune-time-limit", type=float, default=None, help="seconds for all the tuning")
     ap.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -423,6 +457,11 @@ def main(argv=None) -> int:
         warm_one(_cases({args.warm_one})[0], shapes, peers=not args.no_peers)
         return 0
     info = versions()
+    if args.tune_trials > 0:
+        info["tuning"] = tune_cases(cases, shapes, args.tune_trials, args.tune_time_limit)
+        if args.tune_only:
+            print(json.dumps(info["tuning"], indent=1))
+            return 0
     if args.warmup_jobs > 0:
         info["warmup_s"] = warm_all(cases, shapes, args.warmup_jobs, peers=not args.no_peers)
     rates = machine_rates()
