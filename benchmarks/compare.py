@@ -353,13 +353,13 @@ def _shapes_of(case: Case, shapes):
     return [sh for sh in shapes if not (case.path == "recurrent" and sh[1] > 2048)]
 
 
-def warm_one(case: Case, shapes, peers: bool) -> None:
+def warm_one(case: Case, shapes, peers: bool, ours: bool = True) -> None:
     """One case's first calls at every shape (compilation, autotuning), nothing timed."""
-    ops = mf.compile(case.mixer)
+    ops = mf.compile(case.mixer) if ours else None
     for (B, T, K, V) in _shapes_of(case, shapes):
         x = random_inputs(case.mixer, B=B, T=T, H=16, K=K, V=V, G=case.G, dtype=torch.bfloat16, device="cuda",
                           seed=0)
-        runs = [lambda: getattr(ops, case.path)(**x)[0]]
+        runs = [lambda: getattr(ops, case.path)(**x)[0]] if ours else []
         if peers:
             try:
                 runs.append(case.make_peer(x, {"scale": default_scale(case.mixer, K)}))
@@ -405,21 +405,27 @@ def tune_cases(cases, shapes, trials: int, time_limit) -> list[dict]:
     return done
 
 
-def warm_all(cases, shapes, jobs: int, peers: bool) -> float:
-    """Every case's first calls in up to `jobs` parallel processes; returns the wall time."""
+def warm_all(cases, shapes, jobs: int, peers: bool, ours: bool = True) -> float:
+    """Every case's first calls in up to `jobs` parallel processes, one per case and K (the peers
+    autotune per K); returns the wall time."""
     import subprocess
 
     t0 = time.time()
-    spec = ";".join(",".join(map(str, sh)) for sh in shapes)
-    todo = [c.name for c in cases]
+    todo = []
+    for c in cases:
+        for K in dict.fromkeys(sh[2] for sh in _shapes_of(c, shapes)):
+            spec = ";".join(",".join(map(str, sh)) for sh in _shapes_of(c, shapes) if sh[2] == K)
+            todo.append((f"{c.name} K={K}", c.name, spec))
     running = []
     while todo or running:
         while todo and len(running) < jobs:
-            name = todo.pop(0)
+            label, name, spec = todo.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.compare", "--warm-one", name, "--shapes", spec]
             if not peers:
                 cmd.append("--no-peers")
-            running.append((name, time.time(), subprocess.Popen(cmd)))
+            if not ours:
+                cmd.append("--peers-only")
+            running.append((label, time.time(), subprocess.Popen(cmd)))
         time.sleep(0.5)
         for item in list(running):
             name, started, proc = item
@@ -446,6 +452,7 @@ def main(argv=None) -> int:
                          "with the same cache times the tuned kernels without tuning again")
     ap.add_argument("--tune-only", action="store_true", help="tune (--tune-trials) and exit")
     ap.add_argument("--tune-time-limit", type=float, default=None, help="seconds for all the tuning")
+    ap.add_argument("--warmup-only", action="store_true", help="run the warm-up (--warmup-jobs) and exit")
     ap.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -454,7 +461,7 @@ def main(argv=None) -> int:
     shapes = _parse_shapes(args.shapes) if args.shapes else (SHAPES[:1] if args.quick else SHAPES)
     cases = _cases(set(filter(None, args.only.split(","))))
     if args.warm_one:
-        warm_one(_cases({args.warm_one})[0], shapes, peers=not args.no_peers)
+        warm_one(_cases({args.warm_one})[0], shapes, peers=not args.no_peers, ours=not args.peers_only)
         return 0
     info = versions()
     if args.tune_trials > 0:
@@ -463,7 +470,11 @@ def main(argv=None) -> int:
             print(json.dumps(info["tuning"], indent=1))
             return 0
     if args.warmup_jobs > 0:
-        info["warmup_s"] = warm_all(cases, shapes, args.warmup_jobs, peers=not args.no_peers)
+        info["warmup_s"] = warm_all(cases, shapes, args.warmup_jobs, peers=not args.no_peers,
+                                    ours=not args.peers_only)
+        if args.warmup_only:
+            print(f"warm-up done in {info['warmup_s']:.0f} s")
+            return 0
     rates = machine_rates()
     info["rates"] = rates
     dtype = torch.bfloat16

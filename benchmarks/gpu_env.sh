@@ -17,3 +17,7 @@ mkdir -p $TRITON_CACHE_DIR
 # the tarball comes back in parts under the 16 MiB per-file limit; join them with cat
 ls .tcache/tcache.tgz.part* >/dev/null 2>&1 && cat .tcache/tcache.tgz.part* | tar xz -C / && echo "gpu_env: restored triton cache"
 save_triton_cache() { tar cz -C / tmp/tcache 2>/dev/null | split -b 15m - "$OUT/tcache.tgz.part"; ls -la "$OUT"/tcache.tgz.part*; }
+# Triton's autotuning results alone (FLA's and SSD's *.autotune.json, a few KB): a later call on a fresh
+# machine compiles only the configs they picked instead of timing every candidate again
+ls .tcache/autotune.tgz >/dev/null 2>&1 && tar xzf .tcache/autotune.tgz -C / && echo "gpu_env: restored autotune results"
+save_autotune_cache() { (cd / && find tmp/tcache -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -); ls -la "$OUT/autotune.tgz"; }
