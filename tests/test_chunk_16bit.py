@@ -9,6 +9,10 @@ defects, not rounding; each test below failed before its fix:
   against the dot's bf16(q * E)), so every pair of the chunk left a residual of the dot's rounding in the
   decay gradient of every earlier row, and token sums (dA_log, ddt_bias) added those up coherently. fp16
   inputs run tf32 dots, which round the same way at 2^-11 (mamba's ddt_bias 5.6e-3 here).
+* strong decays behind a norm (transnormer dq 0.23, dk 0.22): the RMS norm's backward makes do orthogonal to
+  o, and under log-decays of -20 o_i is nearly along v_i, so the diagonal do_i . v_i cancels to almost
+  nothing. It came out of a dot with do rounded to bf16, which kept only that rounding. The forward's
+  diagonal q_i . k_i (rounded features, through the same norm) lost o where q . k cancels.
 
 Triton's interpreter cannot run bf16 kernels as they are: it stores bf16 as raw uint16 bits and its tl.dot,
 arithmetic and reductions then work on the bits (a bf16 dot comes out near 1e10), it truncates where the
@@ -242,4 +246,11 @@ def test_per_key_decay_per_token(decay):
     """RWKV-6: per-key decay, exclusive, bonus, layer norm; dw is per token. Before: dw 2.0e-2 / 2.5e-2."""
     errs = _errors(mf.zoo.rwkv6, T=256, K=32, V=32, decay=decay, chunk=32, BV=32)
     _assert_within(errs)
+
+
+def test_strong_constant_decay_behind_a_norm():
+    """TransNormer under log-decays near -20: the RMS norm's backward cancels do_i . v_i.
+    Before: dq 0.27, dk 0.23, dlam 9.9e-2 (summed over every token), dS0 5.5e-3, y 4.5e-3."""
+    errs = _errors(mf.zoo.transnormer, T=256, K=32, V=32, decay="strong", chunk=64, BV=32)
+    _assert_within(errs, summed=("dlam",))
 
