@@ -13,6 +13,8 @@ defects, not rounding; each test below failed before its fix:
   o, and under log-decays of -20 o_i is nearly along v_i, so the diagonal do_i . v_i cancels to almost
   nothing. It came out of a dot with do rounded to bf16, which kept only that rounding. The forward's
   diagonal q_i . k_i (rounded features, through the same norm) lost o where q . k cancels.
+* normalize without a decay (linear attention): z summed k over the chunk with tl.sum of a bf16 tensor,
+  which Triton accumulates in bf16.
 
 Triton's interpreter cannot run bf16 kernels as they are: it stores bf16 as raw uint16 bits and its tl.dot,
 arithmetic and reductions then work on the bits (a bf16 dot comes out near 1e10), it truncates where the
@@ -254,3 +256,12 @@ def test_strong_constant_decay_behind_a_norm():
     errs = _errors(mf.zoo.transnormer, T=256, K=32, V=32, decay="strong", chunk=64, BV=32)
     _assert_within(errs, summed=("dlam",))
 
+
+def test_normalize_without_decay():
+    """Linear attention (denominator, no decay): z's chunk sum over bf16 keys must accumulate in fp32.
+    Before: the kernel summed a bf16 tensor (on the GPU, in bf16)."""
+    errs = _errors(mf.zoo.linear_attention, T=128, K=32, V=32, decay="normal", chunk=64, BV=32)
+    # dq of a normalized mixer comes out at 6e-3, here as on the H100 (6.1e-3): o = num / den, and dq's
+    # terms S^T do' and z dden cancel, so the bf16 rounding of S and do' in its dot is amplified (not fixed)
+    _assert_within({k: v for k, v in errs.items() if k != "dq"})
+    assert errs["dq"] < 1e-2, errs
