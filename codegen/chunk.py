@@ -63,6 +63,9 @@ class ChunkCall:
     output_final_state: bool
     dtype: torch.dtype
     device: torch.device
+    # o of the forward: fp32 when an epilogue (gate, norm) reads it, else the inputs' dtype, stored by the
+    # kernel directly (CoreForward.o then is y: no fp32 o in HBM, no copy)
+    o_dtype: torch.dtype = torch.float32
 
     @classmethod
     def from_ctx(cls, ctx) -> "ChunkCall":
@@ -72,7 +75,8 @@ class ChunkCall:
             cu = cu.to(torch.int32)
         return cls(ctx.module, ctx.kernel_args(), sh.B, sh.T, sh.H, sh.K, sh.V, sh.N, float(ctx.scale),
                    plan.decay, plan.inclusive, plan.normalize, plan.bonus, cu, ctx.S0, ctx.z0,
-                   ctx.output_final_state, sh.dtype, sh.device)
+                   ctx.output_final_state, sh.dtype, sh.device,
+                   o_dtype=torch.float32 if plan.has_epilogue else sh.dtype)
 
 
 def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None:
@@ -209,11 +213,11 @@ def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, z
 # --------------------------------------------------------------------------- forward
 
 def run_forward(c: ChunkCall, config: KernelConfig):
-    """(o fp32 [B,T,H,V], S_T or None, z_T or None)."""
+    """(o [B,T,H,V] in c.o_dtype, S_T or None, z_T or None)."""
     g = _geometry(c, config)
     B, T, H, K, V, N = c.B, c.T, c.H, c.K, c.V, c.N
     dev, d = c.device, _dummy(c)
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=dev)
+    o = torch.empty(B, T, H, V, dtype=c.o_dtype, device=dev)
     want = c.output_final_state
     if config.strategy == "fused":
         ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if want else d
