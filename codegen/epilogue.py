@@ -3,7 +3,9 @@
 Rowwise over [B*T, H, V]: one program per (block of rows, head) holds all of
 V (the norm needs the whole row). Without a gate and a norm, y is o in the
 inputs' dtype and no kernel runs: a path may then store o in that dtype
-itself (the chunk path does), which is returned as y without a copy.
+itself (the chunk path does), which is returned as y without a copy, and the
+output gradient dy goes to the path's backward as it is (16-bit for 16-bit
+inputs; the paths' kernels read do in any float dtype and compute in fp32).
 """
 from __future__ import annotations
 
@@ -38,10 +40,13 @@ def forward(ctx: CallContext, o: torch.Tensor) -> torch.Tensor:
 
 
 def backward(ctx: CallContext, o: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(do, dfg): the core's output gradient, fp32, and the gate's feature gradient (None without a gate)."""
+    """(do, dfg): the core's output gradient and the gate's feature gradient (None without a gate).
+
+    do is fp32, or, without an epilogue, dy itself (contiguous, in the output's dtype): no conversion pass.
+    """
     sh = ctx.shapes
     if not ctx.plan.has_epilogue:
-        return dy.to(torch.float32, copy=True), None
+        return dy, None
     do = torch.empty(sh.B, sh.T, sh.H, sh.V, dtype=torch.float32, device=ctx.device)
     dfg = torch.empty_like(do) if ctx.plan.gate else None
     NT = sh.B * sh.T
