@@ -76,6 +76,11 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
             warps = 8 if kernel == "chunk_bwd" else 4
             return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=warps,
                                 num_stages=2)
+        if decay == "key" and dtype == "bf16" and kernel == "chunk_fwd":
+            # the grid at B=4, T=4096, H=16 (benchmarks/results/tune_grid-20261122-h100.json): materialized
+            # chunk states and chunks in parallel, 1.18 ms, against 1.62 ms for the state kept on chip
+            return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 128)), num_warps=8,
+                                num_stages=3, strategy="two_pass")
         return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 128)), num_warps=8, num_stages=2)
     if kernel in ("chunk_fwd", "chunk_bwd"):   # K > 128: 32-row chunks (not measured yet)
         return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=8, num_stages=2)
