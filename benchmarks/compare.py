@@ -147,8 +147,9 @@ def peer_sdpa(x, opt):
     if Hq != Hv:  # grouped C/B (Mamba-2): attention over the same heads
         qq = qq.repeat_interleave(Hv // Hq, dim=2)
         kk = kk.repeat_interleave(Hv // Hq, dim=2)
-    qt, kt, vt = (t_.transpose(1, 2) for t_ in (qq, kk, vv))
-    return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+    # the transposes inside the call: views taken before the inputs require grad do not carry it back
+    return lambda: F.scaled_dot_product_attention(*(t_.transpose(1, 2) for t_ in (qq, kk, vv)),
+                                                  is_causal=True).transpose(1, 2)
 
 
 CASES = [

@@ -63,3 +63,18 @@ def test_compare_helpers_without_a_gpu():
     rows = compare.sdpa_rows(ours, {"fwd": (1.0, 5), "fwd+bwd": (3.0, 7)})
     assert rows == [dict(mixer="gla", B=1, T=8, H=2, K=4, V=4, dtype="bfloat16", path="chunk", **{"pass": "fwd"},
                          ms=2.0, peak_bytes=10, peer="torch.sdpa", peer_ms=1.0, peer_peak_bytes=5, ratio=0.5)]
+
+
+def test_sdpa_peer_backward_reaches_the_inputs():
+    """The inputs get requires_grad after the peer is built (as measure() does): grads must still reach them."""
+    import torch
+
+    from benchmarks import compare
+
+    x = {n: torch.randn(1, 8, 2, 4) for n in "qkv"}
+    run = compare.peer_sdpa(x, {})
+    for t in x.values():
+        t.requires_grad_(True)
+    y = run()
+    compare.fwd_bwd(run, list(x.values()), torch.randn_like(y))()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in x.values())
