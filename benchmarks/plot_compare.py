@@ -27,7 +27,7 @@ def load(path) -> dict:
     return data
 
 
-def plot(data: dict, out, K: int = 128) -> Path:
+def plot(data: dict, out, K: int = 128, sdpa_bwd: bool = True) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -47,7 +47,8 @@ def plot(data: dict, out, K: int = 128) -> Path:
             floor[m][r["T"]] = r["roofline_ms"]
     sdpa = defaultdict(dict)
     for r in data["rows"]:
-        if r.get("K") == K and r.get("peer") == "torch.sdpa" and isinstance(r.get("peer_ms"), (int, float)):
+        if r.get("K") == K and r.get("peer") == "torch.sdpa" and isinstance(r.get("peer_ms"), (int, float)) \
+                and (sdpa_bwd or r.get("pass") != "fwd+bwd"):
             sdpa[r["pass"]][r["T"]] = r["peer_ms"]
     mixers = sorted(series)
     if not mixers:
@@ -123,9 +124,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="the PNG (default: next to the JSON, .png)")
     p.add_argument("--K", type=int, default=128, help="which K the plot shows (default 128)")
     p.add_argument("--markdown", action="store_true", help="print the README table")
+    p.add_argument("--no-sdpa-bwd", action="store_true",
+                   help="leave SDPA's fwd+bwd out (runs before the fix of 2026-11-22 timed its forward only)")
     a = p.parse_args(argv)
     data = load(a.result)
-    out = plot(data, a.out or Path(a.result).with_suffix(".png"), K=a.K)
+    out = plot(data, a.out or Path(a.result).with_suffix(".png"), K=a.K, sdpa_bwd=not a.no_sdpa_bwd)
     print(f"wrote {out}")
     if a.markdown:
         print(markdown(data))
