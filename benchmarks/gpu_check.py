@@ -32,6 +32,7 @@ from mixforge.spec.testing import random_inputs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ALGORITHMS.md §5: fp32 well under 1e-4 (IEEE) or near 1e-3 (tf32); bf16/fp16 a few 1e-3
 TOL = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 2e-2}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # systems whose heads are single channels: their natural K and V
 ONE_VALUE_PER_HEAD = {"mamba": dict(K=16, V=1), "griffin": dict(K=1, V=1), "rwkv4": dict(K=1, V=1)}
 
@@ -69,6 +70,7 @@ def check_backward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", seed=
     G = 2 if any(o.grouped for o in mixer.inputs) else 1
     x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay)
     x = {n: t.requires_grad_(True) for n, t in x.items()}
+    torch.manual_seed(seed)   # S0, dy and the state cotangents too: two runs compare like for like
     S0 = torch.randn(B, H, K, V, device="cuda") * 0.1
     if mixer.normalize:
         S0 = (S0.abs(), torch.rand(B, H, K, device="cuda"))
@@ -100,7 +102,14 @@ def check_backward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", seed=
             # a gradient below the output dtype's range (fp16 ends at 6e-8, as under strong decays)
             # cannot be returned by anyone: compare with the reference rounded to that dtype
             held = r.to(g.dtype).double()
-            errs["d" + n] = rel(g, r) if held.norm() >= 0.5 * r.norm() else (g.double() - held).norm().item()
+            if held.norm() < 0.5 * r.norm():
+                errs["d" + n] = (g.double() - held).norm().item()
+            elif rel(held, r) > 0.5 * TOL[DTYPE_NAMES[g.dtype]]:
+                # even the best answer in this dtype (the reference rounded to it) is that far off: what the
+                # kernel can be judged on is its error beyond that rounding
+                errs["d" + n] = max(0.0, rel(g, r) - rel(held, r))
+            else:
+                errs["d" + n] = rel(g, r)
         else:
             errs["d" + n] = rel(g, r)
     return errs
