@@ -8,6 +8,7 @@ outputs, final states and every gradient (inputs, parameters, initial state).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -16,6 +17,18 @@ import torch
 import mixforge as mf
 
 TOL = 1e-4
+
+
+@functools.cache
+def zoo_ops(name: str):
+    """The compiled ops of a zoo mixer, once per test session."""
+    return mf.compile(mf.zoo.ALL[name])
+
+
+def step_token(mixer, x: dict, t: int) -> dict:
+    """The step call of token t: per-token inputs without the T axis, parameters as they are."""
+    inputs = {o.name for o in mixer.inputs}
+    return {k: (v[:, t] if k in inputs else v) for k, v in x.items()}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:

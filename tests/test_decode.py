@@ -10,21 +10,12 @@ import mixforge as mf
 from mixforge.spec.errors import CallError
 from mixforge.spec.testing import random_inputs
 
-from helpers_codegen import assert_close
-
-_ops = {}
-
-
-def ops_for(name):
-    if name not in _ops:
-        _ops[name] = mf.compile(mf.zoo.ALL[name])
-    return _ops[name]
-
+from helpers_codegen import assert_close, step_token, zoo_ops as ops_for
 
 def split(mixer, x, t):
-    """(all of token t's tensors, its per-token inputs only): inputs without the T axis, parameters as they are."""
+    """(all of token t's tensors, its per-token inputs only)."""
+    full = step_token(mixer, x, t)
     names = {o.name for o in mixer.inputs}
-    full = {k: (v[:, t] if k in names else v) for k, v in x.items()}
     return full, {k: v for k, v in full.items() if k in names}
 
 

@@ -11,16 +11,7 @@ from mixforge.codegen.config import KernelConfig
 from mixforge.spec.errors import CallError
 from mixforge.spec.testing import random_inputs
 
-from helpers_codegen import assert_close
-
-_ops = {}
-
-
-def ops_for(name):
-    if name not in _ops:
-        _ops[name] = mf.compile(mf.zoo.ALL[name])
-    return _ops[name]
-
+from helpers_codegen import assert_close, zoo_ops as ops_for
 
 class _NoLaunch:
     """Stands in for a kernel: indexing it (a launch) fails the test."""

@@ -6,16 +6,7 @@ import mixforge as mf
 from mixforge.codegen.config import KernelConfig
 from mixforge.spec.testing import random_inputs
 
-from helpers_codegen import assert_close, check_call, random_state
-
-_ops = {}
-
-
-def ops_for(name):
-    if name not in _ops:
-        _ops[name] = mf.compile(mf.zoo.ALL[name])
-    return _ops[name]
-
+from helpers_codegen import assert_close, check_call, random_state, zoo_ops as ops_for
 
 def key_dim(mixer, x):
     return next((x[o.name].shape[-1] for o in mixer.operands if o.dim == "key"), 1)

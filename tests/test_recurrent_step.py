@@ -7,22 +7,7 @@ from mixforge.codegen import ops as ops_module
 from mixforge.spec.errors import CallError
 from mixforge.spec.testing import random_inputs
 
-from helpers_codegen import assert_close
-
-_ops = {}
-
-
-def ops_for(name):
-    if name not in _ops:
-        _ops[name] = mf.compile(mf.zoo.ALL[name])
-    return _ops[name]
-
-
-def token(mixer, x, t):
-    """The step inputs of token t: per-token inputs without the T axis, parameters as they are."""
-    inputs = {o.name for o in mixer.inputs}
-    return {k: (v[:, t] if k in inputs else v) for k, v in x.items()}
-
+from helpers_codegen import assert_close, step_token as token, zoo_ops as ops_for
 
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "rwkv4", "cosformer", "mamba2", "retnet"])
 def test_prefill_then_steps_equals_one_pass(name):

@@ -114,3 +114,18 @@ def test_invalid_samples_never_reach_the_runner(tmp_path):
     assert rep.skipped >= len(skipped)
     for t in skipped:
         assert not sp.is_valid(sp.config(t.params))
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar", "key"])
+@pytest.mark.parametrize("V", [64, 96, 128])
+@pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd"])
+def test_gpu_defaults_are_configs_the_kernels_accept(kernel, V, decay):
+    """The GPU heuristic (what runs without a tuned config) is a valid point of the H100 search space."""
+    from mixforge.codegen.config import heuristic_config
+
+    p = Problem(K=128, V=V, dtype="bf16", decay=decay)
+    cfg = heuristic_config(kernel, 128, V, "bf16", interpret=False, decay=decay)
+    assert build_space(kernel, p, limits=H100, interpret=False).check(cfg, estimate=False) == []
+    # wide value tiles only where V splits into whole 64-wide blocks (see codegen/config.py)
+    if decay != "key" and V % 64:
+        assert cfg.BV >= V
