@@ -243,6 +243,14 @@ def test_per_key_decay_parameters_fp16(decay):
     _assert_within(errs, torch.float16, summed=("dA_log", "ddt_bias"))
 
 
+def test_scalar_decay_computed_key_fp16():
+    """Mamba-2 in fp16 (tf32 dots) under strong decays: its key dt * B is computed, so it is no tf32 number;
+    the dots read it as tf32 while dL = q * dq - k * dk took it in fp32, and the pairs' two sides stopped
+    cancelling. Before: dA_log 1.7e-2 here (3.8e-2 on the H100 at T = 777); now 3.6e-4."""
+    errs = _errors(mf.zoo.mamba2, T=256, K=32, V=48, decay="strong", chunk=32, BV=64, dtype=torch.float16)
+    _assert_within(errs, torch.float16, summed=("dA_log", "ddt_bias"))
+
+
 @pytest.mark.parametrize("decay", ["normal", "strong"])
 def test_per_key_decay_per_token(decay):
     """RWKV-6: per-key decay, exclusive, bonus, layer norm; dw is per token. Before: dw 2.0e-2 / 2.5e-2."""
