@@ -194,6 +194,25 @@ def test_lookup_order_user_then_shipped_then_nearest_then_heuristic(tmp_path, mo
     assert look("abc123", ShapeKey("chunk_bwd", "bf16", 4, 4096, 16, 128, 128)) is None
 
 
+def test_a_template_edit_keeps_tuned_configs_in_use_but_prefers_the_current_source(tmp_path, monkeypatch):
+    """Shipped defaults are keyed by the template hash of the day they were tuned; a later edit (a rounding
+    fix) must not send every zoo mixer back to the heuristic tiles, yet a config tuned on today's source wins."""
+    import mixforge.tuner.lookup as lk
+
+    monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
+        T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh, source="src2"))
+    shipped = ConfigCache(tmp_path / "shipped.json")
+    look = TunedLookup(user=ConfigCache(tmp_path / "user.json"), shipped=[shipped], autotune=False)
+    sk = ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128)
+    put(shipped, key(source="src1"), chunk=16)
+    r = look.resolve("abc123", sk)
+    assert r.source == "shipped-nearest" and r.config.chunk == 16 and r.key.source == "src1"
+    put(shipped, key(source="src2", T=65536), chunk=32)   # current source, farther bucket: still preferred
+    look.invalidate()
+    r = look.resolve("abc123", sk)
+    assert r.config.chunk == 32 and r.key.source == "src2"
+
+
 def test_shipped_defaults_are_valid_cache_files():
     from mixforge.tuner.lookup import shipped_caches
 

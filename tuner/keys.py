@@ -204,8 +204,12 @@ class TuneKey:
         return cls(**d)
 
     def hard(self) -> tuple:
-        """The fields that must match exactly for a config to be used at all."""
-        return (self.device, self.cc, self.source, self.mixer, self.kernel, self.dtype, self.K, self.V)
+        """The fields that must match exactly for a config to be used at all.
+
+        Not the source: a template edit (a rounding fix, a comment) leaves the tile configs valid, and
+        they are checked against the current search space before use; the nearest-bucket lookup prefers
+        the same source and falls back to a config tuned on an earlier one over the untuned heuristic."""
+        return (self.device, self.cc, self.mixer, self.kernel, self.dtype, self.K, self.V)
 
     def study_name(self, space_hash: str) -> str:
         return (f"mixforge/{self.mixer}/{self.kernel}/{DeviceId(self.device, self.cc).slug}/triton-{self.triton}/"

@@ -4,9 +4,11 @@ For (mixer, ShapeKey) it answers, in order:
 
 1. the user's tuned config for exactly this key (cache dir, `mixforge tune`),
 2. the shipped default for exactly this key (tuner/defaults/*.json),
-3. the user's config for the nearest bucket of T and B*H (same GPU, source,
-   mixer, kernel, dtype, K, V: tile configs do not depend on T or B*H for
-   validity, only for speed), preferring the same Triton version,
+3. the user's config for the nearest bucket of T and B*H (same GPU, mixer,
+   kernel, dtype, K, V: tile configs do not depend on T or B*H for validity,
+   only for speed), preferring the same kernel source, then the same Triton
+   version (a config tuned on an earlier template version still beats the
+   heuristic; it must be valid in today's search space to be used),
 4. the shipped default for the nearest bucket,
 5. None: the ops use `codegen.config.heuristic_config`.
 
@@ -72,7 +74,7 @@ class Resolution:
 
 def _distance(want: TuneKey, have: TuneKey) -> tuple:
     lg = lambda n: math.log(n, 4)  # noqa: E731
-    return (want.triton != have.triton, abs(lg(want.T_bucket) - lg(have.T_bucket)),
+    return (want.source != have.source, want.triton != have.triton, abs(lg(want.T_bucket) - lg(have.T_bucket)),
             abs(lg(want.BH_bucket) - lg(have.BH_bucket)))
 
 
