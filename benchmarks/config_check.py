@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--configs", nargs="+", default=["64,64,8,2", "32,128,8,2", "64,64,4,2"],
                    help="chunk,BV,num_warps,num_stages")
+    p.add_argument("--K", type=int, default=128)
+    p.add_argument("--V", type=int, default=96, help="value dim (96: gpu_check's K != V backward check)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     mixer = mf.load_mixer(a.mixer)
@@ -45,11 +47,11 @@ def main(argv=None) -> int:
         for decay, T in (("normal", 1024), ("strong", 777)):
             torch.manual_seed(0)
             try:
-                errs = check_backward(mixer, _Pinned(ops, cfg), "chunk", 1, T, 2, 128, 96, DTYPES[a.dtype],
+                errs = check_backward(mixer, _Pinned(ops, cfg), "chunk", 1, T, 2, a.K, a.V, DTYPES[a.dtype],
                                       decay=decay, seed=1)
             except Exception as e:
                 errs = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            row = dict(mixer=a.mixer, dtype=a.dtype, config=c, decay=decay, T=T, errors=errs)
+            row = dict(mixer=a.mixer, dtype=a.dtype, config=c, decay=decay, T=T, K=a.K, V=a.V, errors=errs)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
