@@ -153,6 +153,10 @@ def main(argv=None) -> int:
             # K != V, V not a power of two; one shape for these so they share one compile
             jobs += [("bwd", "chunk", dict(B=1, T=1024, H=2, K=128, V=96)),
                      ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=128, V=96)),
+                     # K = V = 128: the bf16 defaults' wide tiles (64-row chunks, two value blocks) run here
+                     # only; their pipelined backward was miscompiled on the H100 (config_check-20261122)
+                     ("bwd", "chunk", dict(B=1, T=1024, H=2, K=128, V=128)),
+                     ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=128, V=128)),
                      ("fwd-varlen-strong", "chunk", dict(B=1, T=3000, H=4, K=128, V=96)),
                      ("fwd", "recurrent", dict(B=2, T=1024, H=8, K=64, V=64)),
                      ("bwd", "recurrent", dict(B=1, T=512, H=2, K=64, V=64))]

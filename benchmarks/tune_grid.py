@@ -179,15 +179,18 @@ def space_for(setup: Setup, mixer, kernel):
 def history(study, space) -> list[dict]:
     from optuna.trial import TrialState
 
-    from mixforge.tuner.study import DEFINITIVE_FAILS
+    from mixforge.tuner.study import DEFINITIVE_FAILS, error_outliers
 
     rows = []
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+    trials = study.get_trials(deepcopy=False)
+    outliers = error_outliers(trials)   # complete, but a miscompile by its error: never the optimum
+    for t in sorted(trials, key=lambda t: t.number):
         if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and
                                               t.user_attrs.get("reason") in DEFINITIVE_FAILS):
             cfg = space.config(t.params) if all(a in t.params for a in space.axes) else None
             rows.append({"number": t.number, "state": t.state.name, "time_ms": t.value,
-                         "reason": t.user_attrs.get("reason"), "rejected": bool(t.user_attrs.get("rejected")),
+                         "reason": "error_outlier" if t.number in outliers else t.user_attrs.get("reason"),
+                         "rejected": bool(t.user_attrs.get("rejected")) or t.number in outliers,
                          "rel_err": t.user_attrs.get("rel_err"), "wall_s": t.user_attrs.get("wall_s"),
                          "compile_s": t.user_attrs.get("compile_s"),
                          "cold_compiles": t.user_attrs.get("cold_compiles"),
@@ -268,7 +271,8 @@ def run_grid(setup: Setup, mixer, kernel) -> dict:
     out["failed"] = reasons
     per = sorted(r["compile_s"] for r in rows if r.get("compile_s"))
     out["median_compile_s"] = per[len(per) // 2] if per else None   # one config in one worker
-    best = min((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["time_ms"], default=None)
+    best = min((r for r in rows if r["state"] == "COMPLETE" and not r["rejected"]), key=lambda r: r["time_ms"],
+               default=None)
     out["optimum"] = best and {"config": best["config"], "time_ms": best["time_ms"]}
     heur = space.heuristic(setup.smoke)
     h = next((r for r in rows if r["config"] == heur.to_dict() and r["state"] == "COMPLETE"), None)
@@ -379,7 +383,7 @@ def run_optuna(setup: Setup, mixer, kernel: str, grid: dict, warm: bool = True):
 def best_so_far(rows: list[dict]) -> list:
     best, seq = None, []
     for r in rows:
-        if r["state"] == "COMPLETE" and (best is None or r["time_ms"] < best):
+        if r["state"] == "COMPLETE" and not r["rejected"] and (best is None or r["time_ms"] < best):
             best = r["time_ms"]
         seq.append(best)
     return seq
@@ -391,10 +395,11 @@ def compare_to_grid(rows: list[dict], grid: dict) -> dict:
     opt = (grid.get("optimum") or {}).get("time_ms")
     seq = best_so_far(rows)
     grid_times = {json.dumps(r["config"], sort_keys=True): r["time_ms"] for r in grid.get("trials", [])
-                  if r["state"] == "COMPLETE"}
+                  if r["state"] == "COMPLETE" and not r["rejected"]}
     seq_grid, b = [], None
     for r in rows:
-        t = grid_times.get(json.dumps(r["config"], sort_keys=True)) if r["state"] == "COMPLETE" else None
+        t = grid_times.get(json.dumps(r["config"], sort_keys=True)) if r["state"] == "COMPLETE" \
+            and not r["rejected"] else None
         if t is not None and (b is None or t < b):
             b = t
         seq_grid.append(b)
@@ -405,7 +410,7 @@ def compare_to_grid(rows: list[dict], grid: dict) -> dict:
     best = seq[-1] if seq else None
     return {"best_so_far_ms": seq, "best_so_far_grid_ms": seq_grid,
             "best_ms": best, "best_config": next((r["config"] for r in rows if r["state"] == "COMPLETE"
-                                                  and r["time_ms"] == best), None),
+                                                  and not r["rejected"] and r["time_ms"] == best), None),
             "grid_optimum_ms": opt, "best_vs_grid_optimum": (best / opt) if best and opt else None,
             "trials_to_within_3pct": k, "trials_to_within_3pct_grid_timing": kg,
             "fraction_of_grid": (k / n_grid) if k and n_grid else None,
@@ -500,7 +505,8 @@ def run_workers(setup: Setup) -> dict:
         results[label] = {"storage": url, "processes": nproc, "wall_s": wall, "trials": len(rows),
                           "distinct_configs": len(set(configs)), "no_config_twice": len(configs) == len(set(configs)),
                           "per_worker": per_worker, "exit_codes": [p.returncode for p in procs],
-                          "best_ms": min((r["time_ms"] for r in rows if r["state"] == "COMPLETE"), default=None),
+                          "best_ms": min((r["time_ms"] for r in rows if r["state"] == "COMPLETE" and not r["rejected"]),
+                                         default=None),
                           "output_tails": [o[-1500:] for o in outs]}
         log(f"{label}: {len(rows)} trials in {wall:.1f} s, per worker {per_worker}, "
             f"no config twice: {results[label]['no_config_twice']}")

@@ -76,8 +76,13 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
         # on the H100 (gpu_check-20261122-0925) where the 32-row, all-of-V tiles had passed (0716 run);
         # not yet settled which (benchmarks/config_check.py), so odd V keeps the tiles that passed
         if decay in ("none", "scalar", "constant") and dtype == "bf16" and V >= 64 and V % 64 == 0:
-            warps = 8 if kernel == "chunk_bwd" else 4
-            return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=warps,
+            if kernel == "chunk_bwd":
+                # not pipelined: with num_stages 2 or 3 these tiles' backward is miscompiled on the H100
+                # (Triton 3.6): mamba2's gradients 2.0e-2 and 2.4e-2 against 2.9e-3 for every other config of
+                # the grid, up to 3.9e-2 (dA_log) alone (tune_grid_mamba2_bwd-, config_check-20261122-h100);
+                # num_stages 1 is correct and as fast (1.746 ms against 1.740 ms)
+                return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=64, num_warps=8, num_stages=1)
+            return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=4,
                                 num_stages=2)
         if decay == "key" and dtype == "bf16" and kernel == "chunk_fwd":
             # the grid at B=4, T=4096, H=16 (benchmarks/results/tune_grid-20261122-h100.json): materialized

@@ -64,6 +64,26 @@ def test_wrong_results_are_rejected_and_never_chosen(tmp_path):
     assert st.best_trial.state == TrialState.COMPLETE
 
 
+def test_a_config_whose_error_is_an_outlier_of_its_study_is_rejected_though_within_tolerance(tmp_path):
+    """mamba2's chunk_bwd on the H100: two pipelined configs at 2.0e-2 and 2.4e-2 against 2.9e-3 for the rest,
+    under a tolerance of 0.1. The fastest config here is such a one; it must not win, whatever order."""
+    sp = small_space()
+    for grid, seed in ((True, 0), (False, 3)):
+        obj = SyntheticObjective(sloppy=matches(**OPTIMUM))
+        st = open_study(f"sloppy{seed}", memory(), seed=seed)
+        rep = optimize(st, sp, obj, n_trials=len(sp.grid()), grid=grid)
+        t = next(t for t in st.trials if t.state == TrialState.COMPLETE and sp.config(t.params) == KernelConfig(**OPTIMUM))
+        assert 0 < t.user_attrs["rel_err"] < obj.tolerance          # the absolute check let it through
+        assert rep.best_config != KernelConfig(**OPTIMUM) and rep.best_ms > t.value
+        assert rep.rejected == 1 == rep.new_rejected
+        row = next(h for h in rep.history if h["number"] == t.number)
+        assert row["rejected"] and row["reason"] == "error_outlier"
+    # the same study without the sloppy config rejects nothing: equal errors are no outliers
+    st = open_study("clean", memory(), seed=0)
+    rep = optimize(st, sp, SyntheticObjective(), n_trials=len(sp.grid()), grid=True)
+    assert rep.rejected == 0 and rep.best_config == KernelConfig(**OPTIMUM)
+
+
 def test_compare_rejects_nan_and_mismatched_structure():
     ref = (torch.ones(3), None)
     assert compare((torch.ones(3), None), ref, 1e-6)[0]

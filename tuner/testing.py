@@ -48,12 +48,13 @@ def cost_model(cfg: KernelConfig, optimum: Optional[dict] = None) -> float:
 class SyntheticObjective(Objective):
     def __init__(self, *, fail: Callable[[KernelConfig], bool] = lambda c: False,
                  wrong: Callable[[KernelConfig], bool] = lambda c: False,
+                 sloppy: Callable[[KernelConfig], bool] = lambda c: False,
                  sleep: Callable[[KernelConfig], float] = lambda c: 0.0,
                  optimum: Optional[dict] = None, tolerance: float = 1e-3, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         inputs = {"x": torch.randn(4, 8, generator=g)}
         self.calls: list[KernelConfig] = []
-        self._fail, self._wrong, self._sleep, self._optimum = fail, wrong, sleep, optimum
+        self._fail, self._wrong, self._sloppy, self._sleep, self._optimum = fail, wrong, sloppy, sleep, optimum
 
         def run(cfg: KernelConfig, x):
             self.calls.append(cfg)
@@ -65,6 +66,8 @@ class SyntheticObjective(Objective):
             y = x["x"].sum(0) * 2.0
             if self._wrong(cfg):
                 y = y + 1.0  # a miscompile
+            if self._sloppy(cfg):
+                y = y * (1 + 0.3 * tolerance)  # a miscompile the tolerance lets through
             return (y, None), cost_model(cfg, self._optimum)
 
         super().__init__(inputs=inputs, run=run, trusted=lambda x: (x["x"].sum(0) * 2.0, None), tolerance=tolerance,
