@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--storage", default=None, help="Optuna storage (default: SQLite next to --out)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop starting new tunes after it")
+    p.add_argument("--per-mixer-time", type=float, default=None,
+                   help="seconds for each mixer's tune (its kernels share them), so one slow mixer cannot "
+                        "take a whole --time-limit")
     p.add_argument("--merge", nargs="*", default=[], help="cache files whose valid entries to copy in")
     args = p.parse_args(argv)
 
@@ -59,8 +62,9 @@ def main(argv=None) -> int:
                 if left is not None and left <= 0:
                     print("time limit reached; run again to continue")
                     return 0
+                budget = min((b for b in (left, args.per_mixer_time) if b is not None), default=None)
                 report = tune(zoo.ALL[name], shape, dtype, kernels=args.kernels.split(","), trials=args.trials,
-                              storage=storage, cache=out, timeout=left)
+                              storage=storage, cache=out, timeout=budget)
                 for r in report:
                     sp = f"{r.speedup:.2f}x" if r.speedup else "-"
                     print(f"{name:18s} {r.kernel:10s} {shape} {dtype}: "
