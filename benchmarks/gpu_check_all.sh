@@ -8,7 +8,10 @@ jobs=${*:-gla:bf16 gla:fp32 gla:fp16 mamba2:bf16 mamba2:fp32 mamba2:fp16 rwkv6:b
   linear_attention:fp32 transnormer:bf16 transnormer:fp32 mamba:bf16 mamba:fp32 griffin:bf16 griffin:fp32
   rwkv4:bf16 rwkv4:fp32 performer:bf16 performer:fp32 rfa:bf16 rfa:fp32 cosformer:bf16 cosformer:fp32}
 work=/tmp/gpu_check; mkdir -p $work
+# at most MAXJOBS processes at once: 35 side by side ran the 80 GB GPU out of memory (the float64 references)
+max=${MAXJOBS:-14}
 for j in $jobs; do
+  while [ "$(jobs -rp | wc -l)" -ge "$max" ]; do wait -n; done
   m=${j%%:*}; d=${j#*:}
   timeout "$limit" python3 -m benchmarks.gpu_check --mixers "$m" --dtypes "$d" --out "$work/$m-$d" \
     > "$work/log-$m-$d.txt" 2>&1 &
