@@ -72,7 +72,8 @@ def check_forward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", varlen
                   conditioning=False):
     """Relative errors against float64; with conditioning, those of the float32 formula instead."""
     G = 2 if any(o.grouped for o in mixer.inputs) else 1
-    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay)
+    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay,
+                      natural=True)
     kw = {}
     if varlen:
         cu = torch.tensor([0, T // 3, T // 3, T - 7, T], device="cuda", dtype=torch.int32)
@@ -92,7 +93,8 @@ def check_forward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", varlen
 
 def check_backward(mixer, ops, path, B, T, H, K, V, dtype, decay="normal", seed=1, conditioning=False):
     G = 2 if any(o.grouped for o in mixer.inputs) else 1
-    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay)
+    x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, G=G, dtype=dtype, device="cuda", seed=seed, decay=decay,
+                      natural=True)
     x = {n: t.requires_grad_(True) for n, t in x.items()}
     torch.manual_seed(seed)   # S0, dy and the state cotangents too: two runs compare like for like
     S0 = torch.randn(B, H, K, V, device="cuda") * 0.1

@@ -20,11 +20,14 @@ def operand_shape(o, B, T, H, K, V, G=1) -> tuple[int, ...]:
 
 def random_inputs(mixer: Mixer, B: int = 2, T: int = 32, H: int = 2, K: int = 16, V: int = 16, *, G: int = 1,
                   dtype=torch.float32, param_dtype=None, device="cpu", seed: int | None = None,
-                  decay: str = "normal", requires_grad: bool = False) -> dict[str, torch.Tensor]:
+                  decay: str = "normal", requires_grad: bool = False, natural: bool = False) -> dict[str, torch.Tensor]:
     """A dict of every Input and Param of `mixer`, ready for `ops.chunk(**x)` or `reference(mixer, **x)`.
 
     decay: "normal" (randn), "strong" (decay inputs pushed so log-decays reach about -20),
     or "weak" (log-decays near 0).
+    natural: Params at the values the system itself uses where it declares them (zoo.NATURAL_PARAMS):
+    random ones can leave a normalized mixer's denominator without a sign (cosformer), which makes every
+    check of it ill-conditioned.
     """
     gen = torch.Generator(device="cpu")
     gen.manual_seed(torch.seed() if seed is None else seed)
@@ -33,6 +36,12 @@ def random_inputs(mixer: Mixer, B: int = 2, T: int = 32, H: int = 2, K: int = 16
            for o in mixer.operands}
     if decay != "normal" and "fa" in mixer.maps:
         raw = _push_decay(mixer, raw, target=-20.0 if decay == "strong" else -0.1)
+    if natural:
+        from .zoo import NATURAL_PARAMS
+
+        fix = NATURAL_PARAMS.get(mixer.content_hash)
+        if fix is not None:
+            raw.update(fix(H=H, K=K, T=T))
     out = {}
     for o in mixer.operands:
         x = raw[o.name].to(dtype if isinstance(o, Input) else param_dtype).to(device)

@@ -162,6 +162,21 @@ cosformer = Mixer(
         "freq = pi / (2 M).",
 )
 
+def _cosformer_params(H: int, K: int, T: int) -> dict:
+    """cosFormer's own reweighting: phase 0 on the first half of K and pi/2 on the second (cos and sin), and
+    freq = pi / (2 M) with M >= T, so that every feature is >= 0 and the denominator is positive."""
+    import math
+
+    import torch
+
+    phase = torch.zeros(H, K, dtype=torch.float64)
+    phase[:, K // 2:] = math.pi / 2
+    return {"phase": phase, "freq": torch.full((H,), math.pi / (2 * max(T, 1)), dtype=torch.float64)}
+
+
+#: Param values a system uses itself, by Mixer.content_hash (spec.testing.random_inputs(natural=True))
+NATURAL_PARAMS = {cosformer.content_hash: _cosformer_params}
+
 #: every zoo mixer by name
 ALL: dict[str, Mixer] = {
     m.name: m

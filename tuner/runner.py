@@ -191,7 +191,8 @@ def make_objective(mixer, kernel: str, shape, dtype="bf16", *, device=None, time
     step = kernel == "step"
     if step:
         T = 1
-    x = random_inputs(mixer, B, T, H, K, V, dtype=torch_dtype(dt), device=device, seed=seed, requires_grad=bwd)
+    x = random_inputs(mixer, B, T, H, K, V, dtype=torch_dtype(dt), device=device, seed=seed, requires_grad=bwd,
+                      natural=True)   # a system's own Param values where random ones are ill-conditioned
     names = list(x)
     input_names = {o.name for o in mixer.inputs}
     n = B * T * H * K * V
