@@ -160,13 +160,17 @@ def _scan(mixer: Mixer, q, k, v, gamma, S, z, scale):
 
 
 def recurrence(mixer: Mixer, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-               scale=None, compute_dtype=torch.float64, **tensors) -> ReferenceResult:
+               scale=None, compute_dtype=torch.float64, round_features=None, **tensors) -> ReferenceResult:
     """The recurrence in `compute_dtype`: float64 is the reference; float32 measures how well conditioned
-    a check is at its inputs (how far the same formula in float32 falls from float64)."""
+    a check is at its inputs (how far the same formula in float32 falls from float64).
+    round_features: a dtype the q and k features are rounded to first (a 16-bit kernel's dot operands), so
+    the result is the best a kernel with such operands can do at these inputs."""
     shapes = resolve_call(mixer, tensors, initial_state=initial_state, cu_seqlens=cu_seqlens,
                           dtypes=REFERENCE_DTYPES, state_dtypes=(torch.float32, torch.float64))
     dt = compute_dtype
     maps = evaluate_maps(mixer, tensors, shapes, cu_seqlens=cu_seqlens, scale=scale, dtype=dt)
+    if round_features is not None:
+        maps.q, maps.k = maps.q.to(round_features).to(dt), maps.k.to(round_features).to(dt)
     N, H, K, V = shapes.N, shapes.H, shapes.K, shapes.V
     S0, z0 = _split_state(mixer, initial_state, N, H, K, V, dt, shapes.device)
     if cu_seqlens is None:
