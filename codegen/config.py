@@ -72,9 +72,8 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
         return KernelConfig(chunk=16, sub_chunk=8, BK=None, BV=min(Vp, 64), num_warps=4, num_stages=1)
     if kernel in ("chunk_fwd", "chunk_bwd") and Kp <= 128:
         # chunk 64 with BV 32 and 8 warps hit an unexplained illegal memory access once (NOTES.md): V >= 64 only
-        # V a multiple of 64 only: at V = 96 (a masked second value block) mamba2's bf16 gradients missed
-        # on the H100 (gpu_check-20261122-0925) where the 32-row, all-of-V tiles had passed (0716 run);
-        # not yet settled which (benchmarks/config_check.py), so odd V keeps the tiles that passed
+        # V a multiple of 64 only: at V = 96 (a masked second value block) these tiles were not checked
+        # unpipelined on the H100 (the miss there, gpu_check-20261122-0925, was the pipelined backward below)
         if decay in ("none", "scalar", "constant") and dtype == "bf16" and V >= 64 and V % 64 == 0:
             if kernel == "chunk_bwd":
                 # not pipelined: with num_stages 2 or 3 these tiles' backward is miscompiled on the H100
