@@ -31,6 +31,13 @@ def step_token(mixer, x: dict, t: int) -> dict:
     return {k: (v[:, t] if k in inputs else v) for k, v in x.items()}
 
 
+def prefill_state(ops, mixer, x: dict, n: int):
+    """The recurrent path's final state after the first n tokens of x (a decoding loop's starting point)."""
+    inputs = {o.name for o in mixer.inputs}
+    _, state = ops.recurrent(**{k: (v[:, :n] if k in inputs else v) for k, v in x.items()}, output_final_state=True)
+    return state
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     """||out - ref|| / max(||ref||, floor); inf when out has NaN or Inf."""
     out, ref = out.detach().double(), ref.detach().double()
@@ -48,7 +55,7 @@ def assert_close(out, ref, what: str, tol: float = TOL, floor: float = 0.0) -> N
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
 
 
-def _pairs(state):
+def state_parts(state):
     """A state as a tuple of tensors (S) or (S, z)."""
     if state is None:
         return ()
@@ -72,7 +79,7 @@ def check_call(mixer, call: Callable, x: dict, *, initial_state=None, cu_seqlens
     (e.g. a scale-invariant input of a normalized mixer): it is compared at that scale.
     """
     leaves = {k: v.detach().clone().requires_grad_(grads) for k, v in x.items()}
-    init = tuple(t.detach().clone().requires_grad_(grads) for t in _pairs(initial_state))
+    init = tuple(t.detach().clone().requires_grad_(grads) for t in state_parts(initial_state))
     init_arg = None if not init else (init if mixer.normalize else init[0])
     y, final = call(**leaves, initial_state=init_arg, output_final_state=output_final_state,
                     cu_seqlens=cu_seqlens, scale=scale)
@@ -85,7 +92,7 @@ def check_call(mixer, call: Callable, x: dict, *, initial_state=None, cu_seqlens
 
     assert y.dtype == next(v.dtype for k, v in x.items() if k in {o.name for o in mixer.inputs})
     assert_close(y, y_ref, "y", tol)
-    for i, (s, s_ref) in enumerate(zip(_pairs(final), _pairs(final_ref))):
+    for i, (s, s_ref) in enumerate(zip(state_parts(final), state_parts(final_ref))):
         assert s.dtype == torch.float32
         assert_close(s, s_ref, f"final state[{i}]", tol)
     if not grads:
@@ -93,9 +100,9 @@ def check_call(mixer, call: Callable, x: dict, *, initial_state=None, cu_seqlens
 
     g = torch.Generator().manual_seed(seed + 1)
     gy = torch.randn(y.shape, generator=g)
-    g_states = [torch.randn(s.shape, generator=g) for s in _pairs(final)]
-    loss = (y.float() * gy).sum() + sum((s * c).sum() for s, c in zip(_pairs(final), g_states))
-    loss_ref = (y_ref * gy.double()).sum() + sum((s * c.double()).sum() for s, c in zip(_pairs(final_ref), g_states))
+    g_states = [torch.randn(s.shape, generator=g) for s in state_parts(final)]
+    loss = (y.float() * gy).sum() + sum((s * c).sum() for s, c in zip(state_parts(final), g_states))
+    loss_ref = (y_ref * gy.double()).sum() + sum((s * c.double()).sum() for s, c in zip(state_parts(final_ref), g_states))
     loss.backward()
     loss_ref.backward()
     ref_grads = {k: v.grad for k, v in x64.items()}

@@ -10,7 +10,7 @@ import mixforge as mf
 from mixforge.spec.errors import CallError
 from mixforge.spec.testing import random_inputs
 
-from helpers_codegen import assert_close, step_token, zoo_ops as ops_for
+from helpers_codegen import assert_close, prefill_state, state_parts, step_token, zoo_ops as ops_for
 
 def split(mixer, x, t):
     """(all of token t's tensors, its per-token inputs only)."""
@@ -19,9 +19,6 @@ def split(mixer, x, t):
     return full, {k: v for k, v in full.items() if k in names}
 
 
-def states(mixer, s):
-    return s if mixer.normalize else (s,)
-
 
 @pytest.mark.parametrize("name", ["gla", "mamba2", "cosformer", "rwkv4", "retnet"])
 def test_prefill_then_decoder_steps_equal_one_pass(name):
@@ -29,24 +26,23 @@ def test_prefill_then_decoder_steps_equal_one_pass(name):
     T, prefill = 8, 5
     x = random_inputs(mixer, B=2, T=T, H=2, K=5, V=6, seed=41)
     y_all, S_all = ops.recurrent(**x, output_final_state=True)
-    head = {k: (v[:, :prefill] if k in {o.name for o in mixer.inputs} else v) for k, v in x.items()}
-    _, state = ops.recurrent(**head, output_final_state=True)
+    state = prefill_state(ops, mixer, x, prefill)
     dec = ops.decoder(state=state, position=prefill, **split(mixer, x, 0)[0])
-    buffers = [s.data_ptr() for s in states(mixer, dec.state)]
+    buffers = [s.data_ptr() for s in state_parts(dec.state)]
     for t in range(prefill, T):
         y = dec(**split(mixer, x, t)[1])
         assert y.shape == y_all[:, t].shape and y.dtype == y_all.dtype
         assert_close(y, y_all[:, t], f"y[{t}]")
-    assert [s.data_ptr() for s in states(mixer, dec.state)] == buffers   # updated in place
-    for got, want in zip(states(mixer, dec.state), states(mixer, S_all)):
+    assert [s.data_ptr() for s in state_parts(dec.state)] == buffers   # updated in place
+    for got, want in zip(state_parts(dec.state), state_parts(S_all)):
         assert_close(got, want, "state")
     if ops.plan.uses_t:
         assert dec.position.tolist() == [T, T]
     else:
         assert dec.position is None
     # the decoder copied the state it was given: the prefill's state is as it was
-    _, again = ops.recurrent(**head, output_final_state=True)
-    for a, b in zip(states(mixer, state), states(mixer, again)):
+    again = prefill_state(ops, mixer, x, prefill)
+    for a, b in zip(state_parts(state), state_parts(again)):
         assert torch.equal(a, b)
 
 

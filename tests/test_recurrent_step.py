@@ -7,7 +7,7 @@ from mixforge.codegen import ops as ops_module
 from mixforge.spec.errors import CallError
 from mixforge.spec.testing import random_inputs
 
-from helpers_codegen import assert_close, step_token as token, zoo_ops as ops_for
+from helpers_codegen import assert_close, prefill_state, state_parts, step_token as token, zoo_ops as ops_for
 
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "rwkv4", "cosformer", "mamba2", "retnet"])
 def test_prefill_then_steps_equals_one_pass(name):
@@ -15,13 +15,12 @@ def test_prefill_then_steps_equals_one_pass(name):
     T, prefill = 9, 5
     x = random_inputs(mixer, B=2, T=T, H=2, K=5, V=6, seed=21)
     y_all, S_all = ops.recurrent(**x, output_final_state=True)
-    head = {k: (v[:, :prefill] if k in {o.name for o in mixer.inputs} else v) for k, v in x.items()}
-    _, state = ops.recurrent(**head, output_final_state=True)
+    state = prefill_state(ops, mixer, x, prefill)
     for t in range(prefill, T):
         y_t, state = ops.step(state=state, position=t, **token(mixer, x, t))
         assert y_t.shape == y_all[:, t].shape and y_t.dtype == y_all.dtype
         assert_close(y_t, y_all[:, t], f"y[{t}]")
-    for got, want in zip(state if mixer.normalize else (state,), S_all if mixer.normalize else (S_all,)):
+    for got, want in zip(state_parts(state), state_parts(S_all)):
         assert_close(got, want, "state")
 
 
