@@ -28,6 +28,7 @@ import torch
 import mixforge as mf
 from mixforge.spec.reference import recurrence
 from mixforge.spec.testing import random_inputs
+from mixforge.tuner.runner import ROUNDING_OVER_FP32   # the kernels' operand rounding over fp32's
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ALGORITHMS.md §5: fp32 well under 1e-4 (IEEE) or near 1e-3 (tf32); bf16/fp16 a few 1e-3
@@ -46,7 +47,6 @@ ONE_VALUE_PER_HEAD = {"mamba": dict(K=16, V=1), "griffin": dict(K=1, V=1), "rwkv
 # rounding to the kernel's (tf32 for fp16 inputs, bf16 for bf16). Those rows are reported apart.
 ILL_CONDITIONED = 1e-4
 SLACK = 64
-ROUNDING_OVER_FP32 = {"fp32": 1, "fp16": 2 ** 13, "bf16": 2 ** 15}
 
 
 def allowed_errors(errs32: dict, dname: str) -> dict:

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from mixforge.codegen.config import KernelConfig
 from mixforge.tuner import study as study_mod
 from mixforge.tuner.space import H100, Problem, build_space
-from mixforge.tuner.study import classify, compare, open_study, optimize
+from mixforge.tuner.study import classify, compare, ill_conditioned, open_study, optimize, rounding_noise
 from mixforge.tuner.testing import OPTIMUM, SMALL_AXES, SyntheticObjective, cost_model, matches, small_space
 
 def journal(tmp_path, name="j.log"):
@@ -94,6 +94,23 @@ def test_compare_rejects_nan_and_mismatched_structure():
     assert not compare((torch.ones(3), torch.ones(1)), ref, 1.0)[0]
     ok, err, _ = compare((torch.ones(3) * 1.001, None), ref, 1e-2)
     assert ok and err == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_compare_judges_an_ill_conditioned_output_by_its_rounding_noise():
+    f64 = dict(dtype=torch.float64)
+    exact = (torch.ones(4, **f64), torch.full((4,), 1e-9, **f64))    # the second output is zero but for rounding
+    other = (torch.ones(4, **f64) * (1 + 1e-7), torch.full((4,), -1e-9, **f64))
+    noise = rounding_noise(exact, other, scale=10.0)
+    assert noise["out[0]"] == pytest.approx(1e-6) and noise["out[1]"] == pytest.approx(20.0)
+    assert ill_conditioned(noise, 1e-2) == ["out[1]"]
+    kernel = (torch.ones(4) * (1 + 1e-3), torch.full((4,), 5e-8))   # noise-sized: 49 x the exact value
+    assert not compare(kernel, exact, 1e-2)[0]
+    ok, err, _ = compare(kernel, exact, 1e-2, noise=noise)
+    assert ok and err == pytest.approx(1e-3, rel=1e-3)       # the worst error is the well-conditioned one's
+    wrong = (torch.ones(4) * (1 + 1e-3), torch.full((4,), 1e-5))     # far past NOISE_SLACK x its noise
+    ok, err, why = compare(wrong, exact, 1e-2, noise=noise)
+    assert not ok and "out[1]" in why and "ill-conditioned" in why
+    assert not compare((torch.ones(4) * 1.1, kernel[1]), exact, 1e-2, noise=noise)[0]
 
 
 @pytest.mark.parametrize("exc, reason", [

@@ -25,6 +25,7 @@ workers build this same objective at a reduced shape.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from typing import Callable, Optional
@@ -34,13 +35,9 @@ import torch
 from mixforge.codegen.config import KernelConfig, ShapeKey
 
 from .keys import dtype_name, interpret_mode, torch_dtype
-from .study import TOLERANCE, Objective
+from .study import TOLERANCE, Objective, ill_conditioned, rounding_noise
 
 Timer = Callable[[Callable[[], object]], float]
-
-#: the float64 reference is trusted while B*T*H*K*V stays below this (its loop is per token)
-REFERENCE_LIMIT = 2 ** 28
-
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -155,10 +152,17 @@ def _grads(out, params: list, seed: int, retain: bool = False):
     return tuple(torch.autograd.grad(leaves, params, seeds, retain_graph=retain, allow_unused=True))
 
 
+#: How much coarser a kernel's arithmetic is than float32's (unit roundoffs of its dot operands: IEEE fp32,
+#: tf32 for fp16 inputs, bf16): scales the float32 formula's error against float64 to the kernel's dtype.
+ROUNDING_OVER_FP32 = {"fp32": 1, "fp16": 2 ** 13, "bf16": 2 ** 15}
+
 #: the float64 reference is the trusted output while it is affordable: its forward loops over tokens
 #: (fine on a GPU up to ~2^33 elements B*T*H*K*V), its backward keeps every step's state (2^28)
 REFERENCE_FWD_LIMIT = 2 ** 33
 REFERENCE_BWD_LIMIT = 2 ** 28
+#: the length of the secondary problem (B = 1, H <= 2) that judges, against the reference, the outputs the
+#: other path cannot judge
+SECONDARY_T = 512
 
 
 def make_objective(mixer, kernel: str, shape, dtype="bf16", *, device=None, timer: Optional[Timer] = None,
@@ -173,7 +177,7 @@ def make_objective(mixer, kernel: str, shape, dtype="bf16", *, device=None, time
     recurrent for chunk kernels, chunk for recurrent ones), or "auto"
     (the reference while it is affordable).
     """
-    from mixforge.spec import reference
+    from mixforge.spec.reference import recurrence
     from mixforge.spec.testing import random_inputs
 
     from .lookup import default_lookup
@@ -245,27 +249,53 @@ def make_objective(mixer, kernel: str, shape, dtype="bf16", *, device=None, time
             finally:
                 pinned.config = None
 
-    def trusted_outputs(inputs):
-        if use_ref:
-            x64 = {k: v.detach().to(torch.float64).requires_grad_(bwd) for k, v in inputs.items()}
-            if step:
-                s64 = tuple(t.double() for t in _flat(state0))
-                y, S = reference(mixer, initial_state=s64 if mixer.normalize else s64[0], output_final_state=True,
-                                 **x64)
-                return (y[:, 0], S)
-            y, S = reference(mixer, output_final_state=True, **x64)
-            if not bwd:
-                return (y, S)
-            return _grads((y, S), [x64[k] for k in names], seed)
+    def reference_outputs(inputs, compute_dtype=torch.float64):
+        x64 = {k: v.detach().to(torch.float64).requires_grad_(bwd) for k, v in inputs.items()}
+        kw = dict(output_final_state=True, compute_dtype=compute_dtype)
         if step:
-            raise ValueError("the step kernel is checked against the reference only")
+            s64 = tuple(t.double() for t in _flat(state0))
+            r = recurrence(mixer, initial_state=s64 if mixer.normalize else s64[0], **kw, **x64)
+            return (r.y[:, 0], r.final_state)
+        r = recurrence(mixer, **kw, **x64)
+        if not bwd:
+            return (r.y, r.final_state)
+        return _grads((r.y, r.final_state), [x64[k] for k in names], seed)
+
+    def other_path_outputs(inputs):
         with torch.no_grad() if not bwd else torch.enable_grad():
             out = forward(inputs, other)
         if not bwd:
             return out
         return _grads(out, [inputs[k] for k in names], seed)
 
+    def trusted_outputs(inputs):
+        if use_ref:
+            return reference_outputs(inputs)
+        if step:
+            raise ValueError("the step kernel is checked against the reference only")
+        return other_path_outputs(inputs)
+
+    # Which outputs are ill-conditioned at these inputs, and their trusted values' own rounding noise at the
+    # kernel's precision (asked only when a check fails). Against the reference: its formula in float32,
+    # scaled. Against the other path, nothing estimates the noise (that path computes in fp32 whatever its
+    # inputs, the candidate's dots round to the dtype: performer's zero dqn came out 500x further apart than
+    # the other path moves with fp32 inputs); which outputs are ill-conditioned is found on a smaller
+    # problem that the reference can afford (the secondary objective, which such a candidate must pass),
+    # and at this shape those outputs are not judged.
+    if use_ref:
+        def conditioning(inputs, trusted):
+            return rounding_noise(trusted, reference_outputs(inputs, torch.float32), ROUNDING_OVER_FP32[dt])
+        secondary = None
+    else:
+        small = Shape(1, min(T, SECONDARY_T), min(H, 2), K, V)
+        secondary = make_objective(mixer, kernel, small, dt, device=device, timer=lambda fn: 1.0, seed=seed,
+                                   trusted="reference", base_lookup=base_lookup)
+
+        def conditioning(inputs, trusted):
+            return {p: math.inf for p in ill_conditioned(secondary.noise(), secondary.tolerance)}
+
     tol = TOLERANCE[dt] * (5 if bwd else 1)
-    return Objective(inputs=x, run=run, trusted=trusted_outputs, tolerance=tol,
+    return Objective(inputs=x, run=run, trusted=trusted_outputs, tolerance=tol, conditioning=conditioning,
+                     secondary=secondary,
                      describe=f"{mixer.name} {kernel} {shape} {dt} on {device}, "
                               f"checked against {'the float64 reference' if use_ref else 'ops.' + other}")

@@ -20,6 +20,10 @@ fill one study:
   "wrong_result" and rejected=True (this routes around miscompiles);
 * a complete config whose error is far above the study's best (`error_outliers`) is a miscompile the
   tolerance let through: it is reported as rejected (reason "error_outlier") and never chosen;
+* an output the trusted computation itself cannot get within the tolerance at the kernel's precision (a
+  gradient that is zero in exact arithmetic, a near-singular normalizer) is judged against that
+  computation's own rounding noise (`Objective.conditioning`, asked only when a check fails), kept out of
+  the trial's rel_err, and listed in its user attr ill_conditioned;
 * only COMPLETE trials are ever chosen, so failed and rejected configs never win.
 
 Compilation ahead of timing (`compiler`, see precompile.py): a Triton config
@@ -74,6 +78,10 @@ TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 2e-2}
 #: tolerance, differences of summation order are no signal.
 OUTLIER_FACTOR = 3.0
 OUTLIER_FLOOR = 1 / 50
+#: An ill-conditioned output (its trusted value's own rounding noise above the tolerance) may differ from
+#: the trusted value by this many times that noise: both are then rounding noise of similar size, and the
+#: candidate's tiles may sum in a less favourable order than the trusted path.
+NOISE_SLACK = 8.0
 MAX_CONSECUTIVE_SKIPS = 40
 
 
@@ -118,14 +126,28 @@ class Objective:
     trusted: Callable[[Any], Any]      # inputs -> trusted outputs (computed once, lazily)
     tolerance: float = 2e-3
     describe: str = ""
+    #: (inputs, trusted outputs) -> {output path: relative error of the trusted computation carried out at
+    #: the kernel's precision}, from a second evaluation of it (`rounding_noise`); inf where an output is
+    #: ill-conditioned but its noise has no estimate at this shape; None: no estimate at all
+    conditioning: Optional[Callable[[Any, Any], dict]] = None
+    #: a smaller problem whose trusted outputs are exact enough to judge the ill-conditioned outputs that
+    #: this one cannot: a config whose outputs include such ones must pass it too
+    secondary: Optional["Objective"] = None
     _trusted: Any = dataclasses.field(default=None, repr=False)
     _have_trusted: bool = dataclasses.field(default=False, repr=False)
+    _noise: Optional[dict] = dataclasses.field(default=None, repr=False)
 
     def trusted_outputs(self):
         if not self._have_trusted:
             self._trusted = self.trusted(self.inputs)
             self._have_trusted = True
         return self._trusted
+
+    def noise(self) -> Optional[dict]:
+        """The trusted outputs' rounding noise per output path (computed once, lazily), or None."""
+        if self._noise is None and self.conditioning is not None:
+            self._noise = self.conditioning(self.inputs, self.trusted_outputs())
+        return self._noise
 
 
 # --------------------------------------------------------------------------- storage
@@ -263,9 +285,38 @@ def _leaves(x, path="out"):
         yield path, ("value", x)
 
 
-def compare(outputs, trusted, tolerance: float) -> tuple[bool, float, str]:
-    """(ok, worst relative error, detail): ||out - ref|| / ||ref|| per tensor, NaN/Inf never passes."""
+def _rel(x, y) -> float:
     import torch
+
+    xd = x.detach().to(torch.float64)  # on the outputs' device: no host copy of big tensors
+    yd = y.detach().to(xd.device, torch.float64)
+    return (xd - yd).norm().item() / max(yd.norm().item(), 1e-30)
+
+
+def rounding_noise(trusted, other, scale: float = 1.0) -> dict:
+    """{output path: scale * ||other - trusted|| / ||trusted||}: how far a second evaluation of the trusted
+    computation at another precision moves each output, scaled to the kernel's precision."""
+    import torch
+
+    b = dict(_leaves(other))
+    return {p: scale * _rel(b[p], y) for p, y in _leaves(trusted)
+            if isinstance(y, torch.Tensor) and isinstance(b.get(p), torch.Tensor)}
+
+
+def ill_conditioned(noise: Optional[dict], tolerance: float) -> list:
+    """The output paths whose trusted value is itself not within `tolerance` at the kernel's precision."""
+    return sorted(p for p, n in (noise or {}).items() if not n <= tolerance)
+
+
+def compare(outputs, trusted, tolerance: float, noise: Optional[dict] = None) -> tuple[bool, float, str]:
+    """(ok, worst relative error, detail): ||out - ref|| / ||ref|| per tensor, NaN/Inf never passes.
+
+    With `noise` (see `rounding_noise`), an ill-conditioned output is held to NOISE_SLACK times its noise
+    instead of the tolerance and left out of the worst error (which then measures the kernel, not the
+    noise)."""
+    import torch
+
+    ill = set(ill_conditioned(noise, tolerance))
 
     a, b = list(_leaves(outputs)), list(_leaves(trusted))
     if [p for p, _ in a] != [p for p, _ in b]:
@@ -277,11 +328,14 @@ def compare(outputs, trusted, tolerance: float) -> tuple[bool, float, str]:
                 return False, math.inf, f"{path} is missing"
             if tuple(x.shape) != tuple(y.shape):
                 return False, math.inf, f"{path} has shape {tuple(x.shape)}, expected {tuple(y.shape)}"
-            xd = x.detach().to(torch.float64)  # on the outputs' device: no host copy of big tensors
-            yd = y.detach().to(xd.device, torch.float64)
-            if not torch.isfinite(xd).all():
+            if not torch.isfinite(x).all():
                 return False, math.inf, f"{path} has NaN or Inf"
-            err = (xd - yd).norm().item() / max(yd.norm().item(), 1e-30)
+            err = _rel(x, y)
+            if path in ill:
+                if not err <= NOISE_SLACK * noise[path]:
+                    return False, err, (f"{path}: relative error {err:.2e} > {NOISE_SLACK:g} x its trusted "
+                                        f"value's rounding noise {noise[path]:.1e} (ill-conditioned)")
+                continue
             if not (err <= worst):
                 worst, where = err, path
         elif x != y:
@@ -324,6 +378,15 @@ def evaluate(objective: Objective, cfg: KernelConfig, trial_timeout: Optional[fl
                 "wall_s": time.perf_counter() - t0}
     attrs["wall_s"] = wall
     ok, err, detail = compare(outputs, trusted, objective.tolerance)
+    secondary = None
+    if not ok and math.isfinite(err) and objective.conditioning is not None:
+        noise = objective.noise()   # only now: a second trusted evaluation costs as much as the first
+        ill = ill_conditioned(noise, objective.tolerance)
+        if ill:
+            ok, err, detail = compare(outputs, trusted, objective.tolerance, noise=noise)
+            attrs["ill_conditioned"] = ill
+            if ok and objective.secondary is not None:
+                secondary = evaluate(objective.secondary, cfg, trial_timeout)
     attrs["rel_err"] = err if math.isfinite(err) else None
     attrs["tolerance"] = objective.tolerance
     try:
@@ -334,6 +397,10 @@ def evaluate(objective: Objective, cfg: KernelConfig, trial_timeout: Optional[fl
         attrs["time_ms"] = ms
     if not ok:
         return {"state": TrialState.FAIL, "reason": "wrong_result", "rejected": True, "error": detail, **attrs}
+    if secondary is not None and secondary["state"] != TrialState.COMPLETE:
+        return {**attrs, "state": TrialState.FAIL, "reason": secondary.get("reason", "wrong_result"),
+                "rejected": bool(secondary.get("rejected")),
+                "error": f"{objective.secondary.describe}: {secondary.get('error')}"[:800]}
     if not (math.isfinite(ms) and ms > 0):
         return {"state": TrialState.FAIL, "reason": "bad_timing", "error": f"timer returned {ms!r}", **attrs}
     return {"state": TrialState.COMPLETE, "value": ms, **attrs}
