@@ -25,9 +25,16 @@ gradient arriving from later positions is rowsum(dS^(c+1) * S^(c+1)), with
 S^(c+1) rebuilt in the program from S^(c)). States live in HBM in the dot operand dtype (bf16/fp16
 inputs: 16-bit, fp32 inputs: fp32).
 
-Valid configs (`check_config`): chunk and BV powers of two, BK None (all of K,
-padded to a power of two >= 16); on the GPU chunk, BV >= 16 (tl.dot's
-minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
+The two states kernels walk each sequence serially, so their parallelism is
+their number of programs, one per (K-block, V-block, sequence, head): they
+split the state by their own tiles (`state_tiles`), finer when there are few
+sequences and heads (B = 1, T = 32768 has 16 heads: 32 programs with the
+main kernels' tiles, on 132 SMs).
+
+Valid configs (`check_config`): chunk and BV powers of two; BK None (the main
+kernels keep all of K, padded to a power of two >= 16; the states kernels pick
+their own split) or a power of two: the states kernels' key tile; on the GPU
+chunk, BV, BK >= 16 (tl.dot's minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
 dividing chunk, >= 16 on the GPU, so that stored configs stay readable).
 """
 from __future__ import annotations
@@ -89,10 +96,51 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
         raise ValueError(f"chunk ({C}), sub_chunk ({c}) and BV ({config.BV}) must be powers of two")
     if C % c:
         raise ValueError(f"chunk ({C}) must be a multiple of sub_chunk ({c})")
-    if config.BK is not None and config.BK < K:
-        raise ValueError(f"BK = {config.BK} < K = {K}: the chunked kernels keep all of K per program")
-    if gpu and (C < 16 or c < 16 or config.BV < 16):
-        raise ValueError(f"chunk ({C}), sub_chunk ({c}) and BV ({config.BV}) must be >= 16 for tl.dot on the GPU")
+    if config.BK is not None and not pow2(config.BK):
+        raise ValueError(f"BK ({config.BK}) must be a power of two or None (the states kernels choose)")
+    if gpu and (C < 16 or c < 16 or config.BV < 16 or (config.BK or 16) < 16):
+        raise ValueError(f"chunk ({C}), sub_chunk ({c}), BV ({config.BV}) and BK ({config.BK}) must be >= 16 "
+                         f"for tl.dot on the GPU")
+
+
+#: the states kernels' programs each walk a whole sequence: below this many (two per SM of an H100) they
+#: split the state finer, down to MIN_STATE_TILE keys and values per program
+STATE_PROGRAMS_PER_SM = 2
+MIN_STATE_TILE = 32
+
+
+def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int]:
+    """(BK, BV) of the states kernels for NH sequence-heads: `BK` if the config fixes it, else all of K; the
+    main kernels' BV; then the larger of the two halved while there are fewer programs than
+    STATE_PROGRAMS_PER_SM * n_sm (each halving doubles the programs and the reads of the other operand,
+    which the programs at the same chunk share through L2)."""
+    bk = min(BK, max(16, next_pow2(K))) if BK is not None else max(16, next_pow2(K))
+    bv = BV
+    fixed_k = BK is not None
+    programs = lambda: -(-K // bk) * -(-V // bv) * NH  # noqa: E731
+    while programs() < STATE_PROGRAMS_PER_SM * n_sm:
+        if bv >= bk and bv > MIN_STATE_TILE:
+            bv //= 2
+        elif not fixed_k and bk > MIN_STATE_TILE:
+            bk //= 2
+        elif bv > MIN_STATE_TILE:
+            bv //= 2
+        else:
+            break
+    return bk, bv
+
+
+_SM_COUNTS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; the interpreter decides as on an H100 (132)."""
+    if device.type != "cuda":
+        return 132
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNTS:
+        _SM_COUNTS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNTS[i]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -120,6 +168,8 @@ class _Geom:
     BK: int
     BV: int
     NV: int
+    SBK: int                            # the states kernels' tiles (state_tiles)
+    SBV: int
     LOG2_BT: int
     NC_total: int                       # chunks over all sequences
     coff: Optional[torch.Tensor]        # int32 [N + 1] first global chunk of each sequence (varlen)
@@ -147,7 +197,8 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
         NC_total = int(coff[-1].item())
         cseq = torch.repeat_interleave(torch.arange(c.N, device=c.device, dtype=torch.int32), nc)
     dot_dt, prec = _dot_types(c.dtype)
-    return _Geom(BT, BK, BV, NV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
+    SBK, SBV = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
+    return _Geom(BT, BK, BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
                  config.num_warps, config.num_stages)
 
 
@@ -179,12 +230,12 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool):
     ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if store_final else d
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
     if N * H > 0:
-        c.module.chunk_states_kernel[(g.NV, N * H)](
+        c.module.chunk_states_kernel[(-(-K // g.SBK) * -(-V // g.SBV), N * H)](
             *c.map_args,
             c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf,
             *_seq_args(c, g),
             c.T, c.scale,
-            H=H, K=K, V=V, BT=g.BT, BK=g.BK, BV=g.BV,
+            H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_S0=c.S0 is not None, STORE_ST=store_final,
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)),
         )
@@ -279,13 +330,13 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     dS0 = torch.empty(N, H, K, V, **f32)
     dz0 = torch.empty(N, H, K, **f32) if c.normalize else d
     if N * H > 0:
-        c.module.chunk_dstates_kernel[(g.NV, N * H)](
+        c.module.chunk_dstates_kernel[(-(-K // g.SBK) * -(-V // g.SBV), N * H)](
             *c.map_args,
             do, den, dden, dS_T if use_dst else d, dz_T if (use_dst and c.normalize) else d,
             dS0, dz0, dSbuf, dzbuf,
             *_seq_args(c, g),
             c.T, c.scale,
-            H=H, K=K, V=V, BT=g.BT, BK=g.BK, BV=g.BV,
+            H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
             **_launch_opts(g, _interpret(c)),
         )

@@ -55,8 +55,26 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+#: The fused forward runs one program per (value block, sequence, head), each walking its sequence's chunks
+#: in order. With fewer programs than this (about one per SM of an H100), walking more than SHORT_WALK
+#: chunks, most of the GPU idles while they walk: the two-pass forward then runs every chunk in parallel
+#: after the states kernel, whose own tiles split the state finer (codegen.chunk.state_tiles).
+FEW_PROGRAMS = 128
+SHORT_WALK = 16
+
+
+def fit_strategy(config: KernelConfig, kernel: str, NH: int, T: int, V: int) -> KernelConfig:
+    """`config`, with the two-pass forward where its fused forward would leave the GPU idle: NH sequence-heads
+    of T tokens each. For configs chosen without these sizes (heuristics, another bucket's tuned config)."""
+    if kernel != "chunk_fwd" or config.strategy != "fused" or NH <= 0 or T <= 0:
+        return config
+    if NH * -(-V // config.BV) >= FEW_PROGRAMS or -(-T // config.chunk) <= SHORT_WALK:
+        return config
+    return dataclasses.replace(config, strategy="two_pass")
+
+
 def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret: bool = False,
-                     decay: Optional[str] = None) -> KernelConfig:
+                     decay: Optional[str] = None, NH: int = -1, T: int = -1) -> KernelConfig:
     """A safe default when no tuned config exists: small enough tiles for K, V up to 256.
 
     `decay` (the mixer's decay kind: none | constant | scalar | key; None when unknown) picks the chunk
@@ -66,7 +84,14 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
     fastest with 64-row chunks and 64-wide value blocks. Unknown: the per-key tiles (safe for every kind;
     the others lose up to 1.5x). fp32 and fp16 inputs (whose dots run in tf32/fp32) keep the per-key tiles
     for every kind: the wider tiles were measured in bf16 only; the per-key ones passed the H100 check in fp32.
+    NH (sequences x heads) and T (tokens per sequence), where known, choose the forward's strategy
+    (`fit_strategy`).
     """
+    config = _heuristic_tiles(kernel, K, V, dtype, interpret, decay)
+    return config if interpret else fit_strategy(config, kernel, NH, T, V)
+
+
+def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, decay: Optional[str]) -> KernelConfig:
     Kp, Vp = next_pow2(K), next_pow2(V)
     if interpret:  # the interpreter is slow per program and per op: few large tiles
         return KernelConfig(chunk=16, sub_chunk=8, BK=None, BV=min(Vp, 64), num_warps=4, num_stages=1)

@@ -120,8 +120,9 @@ class MixerOps:
                                shapes.V)
             if found is not None:
                 return KernelConfig(*found)
+        sizes = {} if torch.compiler.is_compiling() else dict(NH=shapes.N * shapes.H, T=shapes.T // max(shapes.N, 1))
         return heuristic_config(kernel, shapes.K, shapes.V, _DTYPE_NAMES[shapes.dtype],
-                                interpret=shapes.device.type != "cuda", decay=self.plan.decay)
+                                interpret=shapes.device.type != "cuda", decay=self.plan.decay, **sizes)
 
     # ------------------------------------------------------------------ calls
     def chunk(self, *, initial_state=None, output_final_state: bool = False, cu_seqlens=None, scale=None,

@@ -22,7 +22,7 @@ from mixforge.spec.testing import random_inputs
 from test_chunk_support import assert_close, rel
 
 
-def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, decay="normal", seed=0):
+def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, decay="normal", seed=0, BK=None):
     ops = mf.compile(mixer)
     x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, seed=seed, decay=decay, requires_grad=True)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -33,7 +33,7 @@ def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, d
     init = (S0, torch.rand(N, H, K, generator=gen) + 0.5) if mixer.normalize else (S0,)
     init = [t.requires_grad_() for t in init]
     pack = (lambda xs: tuple(xs)) if mixer.normalize else (lambda xs: xs[0])
-    config = KernelConfig(chunk=16, sub_chunk=8, BV=16, strategy=strategy)
+    config = KernelConfig(chunk=16, sub_chunk=8, BK=BK, BV=16, strategy=strategy)
     calls = []
     real = chunk_path.run_forward
 
@@ -93,6 +93,35 @@ def test_varlen_with_empty_sequences(name, strategy):
 
 def test_odd_dims():
     check(zoo.gla, "two_pass", T=17, K=5, V=7)
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "rfa", "performer", "linear_attention"])
+def test_states_kernels_split_keys_and_values(name):
+    """The states and dstates kernels split the state into (K-block, V-block) programs of their own (BK 16
+    here: three key blocks at K = 40, the last one masked; three value blocks at V = 36): per-key and
+    scalar decays, exclusive with a bonus, normalize (z per key block), grouped inputs; cosformer (the
+    position t) has the same split in test_states_kernels_split_under_varlen."""
+    x = random_inputs(zoo.ALL[name], B=1, T=8, H=2, K=40, V=36)
+    sh = resolve_call(zoo.ALL[name], x)
+    assert chunk_path.state_tiles(sh.K, sh.V, 2, 16, 16, 132) == (16, 16)
+    check(zoo.ALL[name], "two_pass", K=40, V=36, BK=16)
+
+
+@pytest.mark.parametrize("name", ["gla", "cosformer"])
+def test_states_kernels_split_under_varlen(name):
+    cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
+    check(zoo.ALL[name], "two_pass", B=1, K=40, V=36, BK=16, cu_seqlens=cu)
+
+
+def test_state_tiles_fill_the_gpu_with_few_sequences():
+    # B * H = 16 at K = V = 128 (B = 1, T = 32768): 32 programs with the main kernels' tiles; 256 after
+    assert chunk_path.state_tiles(128, 128, 16, None, 64, 132) == (32, 32)
+    # B * H = 256 (B = 16, T = 2048): 512 programs already, the main kernels' tiles stay
+    assert chunk_path.state_tiles(128, 128, 256, None, 64, 132) == (128, 64)
+    # a fixed BK is kept; the values take the split
+    assert chunk_path.state_tiles(128, 128, 16, 64, 128, 132) == (64, 32)
+    # never below 32 keys and values (or the key tile of a small K)
+    assert chunk_path.state_tiles(16, 32, 1, None, 32, 132) == (16, 32)
 
 
 # --------------------------------------------------------------------------- hypothesis-drawn mixers

@@ -1,4 +1,5 @@
 """Keys and buckets, the JSON config cache (atomic, corruption-proof) and the runtime lookup order."""
+import dataclasses
 import json
 import pickle
 import warnings
@@ -211,6 +212,38 @@ def test_a_template_edit_keeps_tuned_configs_in_use_but_prefers_the_current_sour
     look.invalidate()
     r = look.resolve("abc123", sk)
     assert r.config.chunk == 32 and r.key.source == "src2"
+
+
+def test_a_nearest_bucket_forward_runs_two_pass_where_fused_would_idle(tmp_path, monkeypatch):
+    """A fused forward tuned at B*H = 64 walks each sequence in one program per value block; at B = 1, H = 16,
+    T = 32768 that is 32 programs on 132 SMs, so the borrowed config switches to the two-pass strategy. The
+    exact bucket's own tuned config is never changed."""
+    import mixforge.tuner.lookup as lk
+
+    monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
+        T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh))
+    shipped = ConfigCache(tmp_path / "shipped.json")
+    put(shipped, key(), chunk=64)                      # fused, BV 64 (KernelConfig's defaults)
+    look = TunedLookup(user=ConfigCache(tmp_path / "user.json"), shipped=[shipped], autotune=False)
+    long_few = ShapeKey("chunk_fwd", "bf16", 1, 32768, 16, 128, 128)
+    assert look.resolve("abc123", long_few).source == "shipped-nearest"
+    assert look("abc123", long_few).strategy == "two_pass" and look("abc123", long_few).chunk == 64
+    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128)).strategy == "fused"   # exact
+    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 16, 2048, 16, 128, 128)).strategy == "fused"  # 512 programs
+    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 1, 512, 16, 128, 128)).strategy == "fused"    # 8 chunks
+    put(shipped, key(kernel="chunk_bwd"), chunk=64)
+    assert look("abc123", ShapeKey("chunk_bwd", "bf16", 1, 32768, 16, 128, 128)).strategy == "fused"  # no such axis
+
+
+def test_heuristic_forward_strategy_follows_sequences_and_length():
+    from mixforge.codegen.config import heuristic_config
+
+    few_long = heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=16, T=32768)
+    assert few_long.strategy == "two_pass"
+    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=256, T=2048).strategy == "fused"
+    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar").strategy == "fused"   # sizes unknown
+    assert dataclasses.replace(few_long, strategy="fused") == heuristic_config("chunk_fwd", 128, 128, "bf16",
+                                                                              decay="scalar")
 
 
 def test_shipped_defaults_are_valid_cache_files():

@@ -11,6 +11,9 @@ For (mixer, ShapeKey) it answers, in order:
    heuristic; it must be valid in today's search space to be used),
 4. the shipped default for the nearest bucket,
 5. None: the ops use `codegen.config.heuristic_config`.
+A nearest bucket's forward config takes the two-pass strategy where its fused
+forward would leave the GPU idle at this call's B*H and T
+(`codegen.config.fit_strategy`): B*H decides the strategy, not just the speed.
 
 Nothing tunes at run time unless asked: with MIXFORGE_AUTOTUNE=1 a miss at
 step 1 tunes that one kernel for that shape (MIXFORGE_AUTOTUNE_TRIALS trials,
@@ -27,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from mixforge.codegen.config import KernelConfig, ShapeKey
+from mixforge.codegen.config import KernelConfig, ShapeKey, fit_strategy
 
 from .cache import ConfigCache
 from .keys import TuneKey, bucket, current_device, dtype_name, make_key, source_hash, triton_version
@@ -205,7 +208,11 @@ class TunedLookup:
         return Resolution(KernelConfig.from_dict(entry["config"]), "autotune", key, entry)
 
     def __call__(self, mixer, sk: ShapeKey) -> Optional[KernelConfig]:
-        return self.resolve(mixer, sk).config
+        res = self.resolve(mixer, sk)
+        if res.config is not None and res.source.endswith("-nearest") and sk.B >= 0 and sk.T >= 0:
+            # tuned for another number of sequences: the forward's strategy follows this call's
+            return fit_strategy(res.config, sk.kernel, sk.B * sk.H, sk.T, sk.V)
+        return res.config
 
 
 class tuning_guard:

@@ -248,7 +248,8 @@ class SearchSpace:
             if cfg.chunk < L.min_dot or cfg.sub_chunk < L.min_dot:
                 why.append(f"chunk/sub_chunk below {L.min_dot} (tl.dot minimum)")
             if cfg.BK is not None and cfg.BK < Kp:
-                why.append(f"BK={cfg.BK} < K padded={Kp}: the chunk kernels keep all of K (BK=None)")
+                why.append(f"BK={cfg.BK} < K padded={Kp}: the tuner leaves the states kernels' key split to "
+                           f"codegen.chunk.state_tiles (BK=None)")
             if not why and _codegen_check is not None:
                 try:
                     _codegen_check(cfg, p.K, p.V, gpu=L.min_dot >= 16)

@@ -1,0 +1,122 @@
+"""Few long sequences on the GPU: the forward's strategy and the states kernels' split, timed per shape.
+
+    python -m benchmarks.strategy_bench --out DIR [--mixers linear_attention,gla] [--shapes 1,32768,16;...]
+
+For each mixer and shape (bf16, K = V = 128) it takes the config a user gets (`ops.config`: tuned, shipped,
+nearest or heuristic) and times the core kernels (`run_forward`, `run_backward`, medians of do_bench):
+
+* forward: fused, two_pass with the states kernel's tiles as before (the main kernels' BV, all of K), and
+  two_pass with `state_tiles`' split;
+* backward (its states and dstates kernels) with the old and the new tiles;
+
+and checks that every variant's outputs agree with the first one's. Writes strategy_bench-<stamp>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from benchmarks.chunk_bench import DRY, bench, capture, inputs, mixers, rel, sync
+
+SHAPES = "1,32768,16;4,8192,16;16,2048,16"
+
+
+def old_tiles(cp):
+    """The states kernels' tiles before the split: the main kernels' BV and all of K."""
+    class Old:
+        def __enter__(self):
+            self.saved = cp.STATE_PROGRAMS_PER_SM
+            cp.STATE_PROGRAMS_PER_SM = 0
+
+        def __exit__(self, *exc):
+            cp.STATE_PROGRAMS_PER_SM = self.saved
+    return Old()
+
+
+def run(name, B, T, H, K, V):
+    import mixforge as mf
+    from mixforge.codegen import chunk as cp
+    from mixforge.spec.shapes import resolve_call
+
+    m = mixers()[name]
+    ops = mf.compile(m)   # the front door's lookup: what a user gets
+    x = inputs(m, B, T, H, K, V, torch.bfloat16)
+    call = capture(ops, x)
+    sh = resolve_call(m, x)
+    cfg_f, cfg_b = ops.config("chunk_fwd", sh), ops.config("chunk_bwd", sh)
+    row = dict(mixer=name, B=B, T=T, H=H, K=K, V=V, config_fwd=cfg_f.to_dict(), config_bwd=cfg_b.to_dict(),
+               state_tiles=cp.state_tiles(K, V, B * H, cfg_f.BK, min(cfg_f.BV, V), cp.sm_count(call.device)),
+               fwd={}, bwd={}, diff={})
+    ref = None
+    for label, strat, old in (("fused", "fused", False), ("two_pass_old_tiles", "two_pass", True),
+                              ("two_pass", "two_pass", False)):
+        c = dataclasses.replace(cfg_f, strategy=strat)
+        with old_tiles(cp) if old else _null():
+            o = cp.run_forward(call, c)[0]
+            sync()
+            ref = o.clone() if ref is None else ref
+            row["diff"][label] = rel(o, ref)
+            row["fwd"][label] = bench(lambda: cp.run_forward(call, c))
+    do = torch.randn(B, T, H, V, device=call.device)
+    gref = None
+    for label, old in (("old_tiles", True), ("split", False)):
+        with old_tiles(cp) if old else _null():
+            g = {k: v.clone() for k, v in cp.run_backward(call, cfg_b, do, None, None).items()
+                 if isinstance(v, torch.Tensor)}
+            gref = g if gref is None else gref
+            row["diff"]["bwd_" + label] = max(rel(v, gref[k]) for k, v in g.items())
+            row["bwd"][label] = bench(lambda: cp.run_backward(call, cfg_b, do, None, None))
+    return row
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--mixers", default="linear_attention,scalar_decay,gla,mamba2")
+    ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
+    args = ap.parse_args(argv)
+    import triton
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"strategy_bench-{stamp}.json")
+    dev = "cpu (interpreter)"
+    if not DRY:
+        p = torch.cuda.get_device_properties(0)
+        dev = f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs)"
+    res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": []}
+    for name in args.mixers.split(","):
+        for shp in args.shapes.split(";"):
+            B, T, H = map(int, shp.split(","))
+            K = V = 128
+            if DRY:
+                B, T, H, K, V = min(B, 1), 70, 2, 64, 64
+            t0 = time.time()
+            try:
+                row = run(name, B, T, H, K, V)
+            except Exception as e:   # one failing case must not lose the others
+                row = dict(mixer=name, B=B, T=T, H=H, error=f"{type(e).__name__}: {e}"[:1500])
+            row["seconds"] = round(time.time() - t0, 1)
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
