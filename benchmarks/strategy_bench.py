@@ -9,7 +9,8 @@ nearest or heuristic) and times the core kernels (`run_forward`, `run_backward`,
   two_pass with `state_tiles`' split;
 * backward (its states and dstates kernels) with the old and the new tiles;
 
-and checks that every variant's outputs agree with the first one's. Writes strategy_bench-<stamp>.json.
+and checks that every variant's outputs agree with the first one's. With --sweep-states, the states kernel
+alone per tile, warps and stages (STATE_SWEEP) instead. Writes strategy_bench-<stamp>.json.
 """
 from __future__ import annotations
 
@@ -82,11 +83,43 @@ class _null:
         return False
 
 
+#: the states kernel's tiles and launch options swept by --sweep-states: (BK, BV, num_warps, num_stages)
+STATE_SWEEP = [(128, 128, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
+               (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 2, 2), (32, 32, 8, 2), (32, 32, 4, 1),
+               (32, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3)]
+
+
+def sweep_states(name, B, T, H, K, V):
+    """The states kernel alone (S^(c) of every chunk) per tile and launch option, at the forward's chunk."""
+    import mixforge as mf
+    from mixforge.codegen import chunk as cp
+    from mixforge.spec.shapes import resolve_call
+
+    m = mixers()[name]
+    ops = mf.compile(m)
+    x = inputs(m, B, T, H, K, V, torch.bfloat16)
+    call = capture(ops, x)
+    cfg = ops.config("chunk_fwd", resolve_call(m, x))
+    g0 = cp._geometry(call, cfg)
+    out = {}
+    ref = None
+    for bk, bv, w, st in STATE_SWEEP:
+        if DRY:
+            bk, bv = min(bk, 64), min(bv, 64)
+        g = dataclasses.replace(g0, SBK=bk, SBV=bv, num_warps=w, num_stages=st)
+        S = cp._states(call, g, store_final=False)[0]
+        sync()
+        ref = S.clone() if ref is None else ref
+        out[f"{bk},{bv},{w},{st}"] = dict(ms=bench(lambda: cp._states(call, g, store_final=False)), diff=rel(S, ref))
+    return dict(mixer=name, B=B, T=T, H=H, K=K, V=V, chunk=cfg.chunk, states=out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--mixers", default="linear_attention,scalar_decay,gla,mamba2")
     ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
+    ap.add_argument("--sweep-states", action="store_true", help="time the states kernel alone per STATE_SWEEP")
     args = ap.parse_args(argv)
     import triton
 
@@ -107,7 +140,7 @@ def main(argv=None):
                 B, T, H, K, V = min(B, 1), 70, 2, 64, 64
             t0 = time.time()
             try:
-                row = run(name, B, T, H, K, V)
+                row = (sweep_states if args.sweep_states else run)(name, B, T, H, K, V)
             except Exception as e:   # one failing case must not lose the others
                 row = dict(mixer=name, B=B, T=T, H=H, error=f"{type(e).__name__}: {e}"[:1500])
             row["seconds"] = round(time.time() - t0, 1)
