@@ -5,8 +5,8 @@
 For each mixer and shape (bf16, K = V = 128) it takes the config a user gets (`ops.config`: tuned, shipped,
 nearest or heuristic) and times the core kernels (`run_forward`, `run_backward`, medians of do_bench):
 
-* forward: fused, two_pass with the states kernel's tiles as before (the main kernels' BV, all of K), and
-  two_pass with `state_tiles`' split;
+* forward: fused, two_pass with the states kernel's tiles as before (the main kernels' BV and launch, all of
+  K), and two_pass with `state_tiles`' split and `state_launch`;
 * backward (its states and dstates kernels) with the old and the new tiles;
 
 and checks that every variant's outputs agree with the first one's. With --sweep-states, the states kernel
@@ -28,14 +28,15 @@ SHAPES = "1,32768,16;4,8192,16;16,2048,16"
 
 
 def old_tiles(cp):
-    """The states kernels' tiles before the split: the main kernels' BV and all of K."""
+    """The states kernels' tiles and launch before the split: all of K, the main kernels' BV and launch."""
     class Old:
         def __enter__(self):
-            self.saved = cp.STATE_PROGRAMS_PER_SM
-            cp.STATE_PROGRAMS_PER_SM = 0
+            self.saved = cp.state_tiles, cp.state_launch
+            cp.state_tiles = lambda K, V, NH, BK, BV, n_sm: (max(16, cp.next_pow2(K)), BV)
+            cp.state_launch = lambda K, SBK, SBV, V, num_warps, num_stages: (num_warps, num_stages)
 
         def __exit__(self, *exc):
-            cp.STATE_PROGRAMS_PER_SM = self.saved
+            cp.state_tiles, cp.state_launch = self.saved
     return Old()
 
 
@@ -106,7 +107,7 @@ def sweep_states(name, B, T, H, K, V):
     for bk, bv, w, st in STATE_SWEEP:
         if DRY:
             bk, bv = min(bk, 64), min(bv, 64)
-        g = dataclasses.replace(g0, SBK=bk, SBV=bv, num_warps=w, num_stages=st)
+        g = dataclasses.replace(g0, SBK=bk, SBV=bv, s_warps=w, s_stages=st)
         S = cp._states(call, g, store_final=False)[0]
         sync()
         ref = S.clone() if ref is None else ref

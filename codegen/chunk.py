@@ -103,31 +103,42 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
                          f"for tl.dot on the GPU")
 
 
-#: the states kernels' programs each walk a whole sequence: below this many (two per SM of an H100) they
-#: split the state finer, down to MIN_STATE_TILE keys and values per program
-STATE_PROGRAMS_PER_SM = 2
+#: The states kernels' programs each walk a whole sequence, so their number is their parallelism: they
+#: split the state until there is one program per SM, keys first (a value split repeats each program's
+#: per-key work, the decay's cumulative sum and exponentials: gla's states kernel at B = 16 went 0.57 ->
+#: 0.78 ms from 128 to 64 values a program), down to MIN_STATE_TILE keys and values. Measured on the H100
+#: for four decay kinds at B*H = 16, 64, 256 (strategy_bench-20261122-120722.json): this rule's tiles were
+#: the fastest or within 10% of the sweep's fastest at each. Split tiles run 4 warps and 3 stages (the loads
+#: of the next chunk overlap this one's: B = 1, T = 32768, linear 0.53 -> 0.34 ms, gla 2.86 -> 1.95).
 MIN_STATE_TILE = 32
+STATE_WARPS = 4
+STATE_STAGES_SPLIT = 3
 
 
 def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int]:
-    """(BK, BV) of the states kernels for NH sequence-heads: `BK` if the config fixes it, else all of K; the
-    main kernels' BV; then the larger of the two halved while there are fewer programs than
-    STATE_PROGRAMS_PER_SM * n_sm (each halving doubles the programs and the reads of the other operand,
-    which the programs at the same chunk share through L2)."""
-    bk = min(BK, max(16, next_pow2(K))) if BK is not None else max(16, next_pow2(K))
-    bv = BV
-    fixed_k = BK is not None
+    """(BK, BV) of the states kernels for NH sequence-heads: `BK` if the config fixes it (then only the values
+    split further), else all of K; all of V; then halved, keys first, while there are fewer than n_sm
+    programs. `BV` (the main kernels' value tile) is not used: the best states tiles do not follow it."""
+    kp, vp = max(16, next_pow2(K)), max(16, next_pow2(V))
+    bk = min(BK, kp) if BK is not None else kp
+    bv = vp
     programs = lambda: -(-K // bk) * -(-V // bv) * NH  # noqa: E731
-    while programs() < STATE_PROGRAMS_PER_SM * n_sm:
-        if bv >= bk and bv > MIN_STATE_TILE:
-            bv //= 2
-        elif not fixed_k and bk > MIN_STATE_TILE:
+    while programs() < n_sm:
+        if BK is None and bk > MIN_STATE_TILE:
             bk //= 2
         elif bv > MIN_STATE_TILE:
             bv //= 2
         else:
             break
     return bk, bv
+
+
+def state_launch(K: int, SBK: int, SBV: int, V: int, num_warps: int, num_stages: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the states kernels: the main config's for a whole state, else
+    STATE_WARPS and STATE_STAGES_SPLIT."""
+    if SBK >= max(16, next_pow2(K)) and SBV >= max(16, next_pow2(V)):
+        return num_warps, num_stages
+    return STATE_WARPS, STATE_STAGES_SPLIT
 
 
 _SM_COUNTS: dict = {}
@@ -168,7 +179,7 @@ class _Geom:
     BK: int
     BV: int
     NV: int
-    SBK: int                            # the states kernels' tiles (state_tiles)
+    SBK: int                            # the states kernels' tiles (state_tiles) and launch (state_launch)
     SBV: int
     LOG2_BT: int
     NC_total: int                       # chunks over all sequences
@@ -178,6 +189,8 @@ class _Geom:
     prec: str
     num_warps: int
     num_stages: int
+    s_warps: int
+    s_stages: int
 
 
 def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
@@ -198,16 +211,21 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
         cseq = torch.repeat_interleave(torch.arange(c.N, device=c.device, dtype=torch.int32), nc)
     dot_dt, prec = _dot_types(c.dtype)
     SBK, SBV = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
+    s_warps, s_stages = state_launch(c.K, SBK, SBV, c.V, config.num_warps, config.num_stages)
     return _Geom(BT, BK, BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
-                 config.num_warps, config.num_stages)
+                 config.num_warps, config.num_stages, s_warps, s_stages)
 
 
 def _dummy(c: ChunkCall) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=c.device)
 
 
-def _launch_opts(g: _Geom, interpret: bool) -> dict:
-    return {} if interpret else {"num_warps": g.num_warps, "num_stages": g.num_stages}
+def _launch_opts(g: _Geom, interpret: bool, states: bool = False) -> dict:
+    if interpret:
+        return {}
+    if states:
+        return {"num_warps": g.s_warps, "num_stages": g.s_stages}
+    return {"num_warps": g.num_warps, "num_stages": g.num_stages}
 
 
 def _interpret(c: ChunkCall) -> bool:
@@ -237,7 +255,8 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool):
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_S0=c.S0 is not None, STORE_ST=store_final,
-            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)),
+            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
+            **_launch_opts(g, _interpret(c), states=True),
         )
     return Sbuf, zbuf, ST, zT
 
@@ -338,7 +357,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
-            **_launch_opts(g, _interpret(c)),
+            **_launch_opts(g, _interpret(c), states=True),
         )
 
     dq = torch.empty(B, T, H, K, **f32)

@@ -98,12 +98,12 @@ def test_odd_dims():
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "rfa", "performer", "linear_attention"])
 def test_states_kernels_split_keys_and_values(name):
     """The states and dstates kernels split the state into (K-block, V-block) programs of their own (BK 16
-    here: three key blocks at K = 40, the last one masked; three value blocks at V = 36): per-key and
+    here: three key blocks at K = 40, the last one masked; two value blocks at V = 36): per-key and
     scalar decays, exclusive with a bonus, normalize (z per key block), grouped inputs; cosformer (the
     position t) has the same split in test_states_kernels_split_under_varlen."""
     x = random_inputs(zoo.ALL[name], B=1, T=8, H=2, K=40, V=36)
     sh = resolve_call(zoo.ALL[name], x)
-    assert chunk_path.state_tiles(sh.K, sh.V, 2, 16, 16, 132) == (16, 16)
+    assert chunk_path.state_tiles(sh.K, sh.V, 2, 16, 16, 132) == (16, 32)
     check(zoo.ALL[name], "two_pass", K=40, V=36, BK=16)
 
 
@@ -114,41 +114,14 @@ def test_states_kernels_split_under_varlen(name):
 
 
 def test_state_tiles_fill_the_gpu_with_few_sequences():
-    # B * H = 16 at K = V = 128 (B = 1, T = 32768): 32 programs with the main kernels' tiles; 256 after
+    # B * H = 16 at K = V = 128 (B = 1, T = 32768): 16 programs with whole states; keys split first, then values
     assert chunk_path.state_tiles(128, 128, 16, None, 64, 132) == (32, 32)
-    # B * H = 256 (B = 16, T = 2048): 512 programs already, the main kernels' tiles stay
-    assert chunk_path.state_tiles(128, 128, 256, None, 64, 132) == (128, 64)
+    assert chunk_path.state_tiles(128, 128, 64, None, 64, 132) == (32, 128)     # B * H = 64: keys only
+    assert chunk_path.state_tiles(128, 128, 256, None, 64, 132) == (128, 128)   # 256 programs already
     # a fixed BK is kept; the values take the split
     assert chunk_path.state_tiles(128, 128, 16, 64, 128, 132) == (64, 32)
     # never below 32 keys and values (or the key tile of a small K)
     assert chunk_path.state_tiles(16, 32, 1, None, 32, 132) == (16, 32)
-
-
-# --------------------------------------------------------------------------- hypothesis-drawn mixers
-
-_q, _k, _v, _a = Input("q"), Input("k"), Input("v", dim="value"), Input("a")
-_d, _u, _ph = Input("d", dim=None), Param("u"), Param("ph", dim=None)
-
-
-@st.composite
-def mixers(draw):
-    normalize = draw(st.booleans())
-    feat = [lambda x: x, silu, tanh] if not normalize else [exp, sigmoid, softplus]
-    fq = draw(st.sampled_from(feat))(_q)
-    fk = draw(st.sampled_from(feat))(_k)
-    fa = draw(st.sampled_from([None, logsigmoid(_a) / 4, -exp(_a), -softplus(_d) * exp(_ph), logsigmoid(_ph)]))
-    if fa is not None and not normalize and draw(st.booleans()):
-        fk = 1 - exp(fa)
-    bonus = None
-    if draw(st.booleans()):
-        bonus = Bonus(weight=_u, term=draw(st.sampled_from([s * value, sigmoid(s * value), tanh(s) * value])))
-    return Mixer("hypchunk", fq=fq, fk=fk, fv=_v, fa=fa, normalize=normalize, inclusive=draw(st.booleans()),
-                 bonus=bonus)
-
-
-@given(m=mixers(), strategy=st.sampled_from(["fused", "two_pass"]), seed=st.integers(0, 3))
-def test_hypothesis_mixers(m, strategy, seed):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        note(m.describe())
-        check(m, strategy, B=1, T=19, H=1, K=4, V=5, seed=seed)
+    # whole states keep the main config's launch; split ones run 4 warps, 3 stages
+    assert chunk_path.state_launch(128, 128, 128, 128, 8, 1) == (8, 1)
+    assert chunk_path.state_launch(128, 32, 128, 128, 8, 1) == (4, 3)
