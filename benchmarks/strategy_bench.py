@@ -31,12 +31,14 @@ def old_tiles(cp):
     """The states kernels' tiles and launch before the split: all of K, the main kernels' BV and launch."""
     class Old:
         def __enter__(self):
-            self.saved = cp.state_tiles, cp.state_launch
+            self.saved = cp.state_tiles, cp._geometry
+            geometry = cp._geometry
             cp.state_tiles = lambda K, V, NH, BK, BV, n_sm: (max(16, cp.next_pow2(K)), BV)
-            cp.state_launch = lambda K, SBK, SBV, V, num_warps, num_stages: (num_warps, num_stages)
+            cp._geometry = lambda c, config: dataclasses.replace(
+                geometry(c, config), s_warps=config.num_warps, s_stages=config.num_stages)
 
         def __exit__(self, *exc):
-            cp.state_tiles, cp.state_launch = self.saved
+            cp.state_tiles, cp._geometry = self.saved
     return Old()
 
 
@@ -90,7 +92,7 @@ STATE_SWEEP = [(128, 128, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2
                (32, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3)]
 
 
-def sweep_states(name, B, T, H, K, V):
+def sweep_states(name, B, T, H, K, V, sweep="all"):
     """The states kernel alone (S^(c) of every chunk) per tile and launch option, at the forward's chunk."""
     import mixforge as mf
     from mixforge.codegen import chunk as cp
@@ -104,7 +106,7 @@ def sweep_states(name, B, T, H, K, V):
     g0 = cp._geometry(call, cfg)
     out = {}
     ref = None
-    for bk, bv, w, st in STATE_SWEEP:
+    for bk, bv, w, st in (SMALL_SWEEP if sweep == "small" else STATE_SWEEP):
         if DRY:
             bk, bv = min(bk, 64), min(bv, 64)
         g = dataclasses.replace(g0, SBK=bk, SBV=bv, s_warps=w, s_stages=st)
@@ -115,12 +117,18 @@ def sweep_states(name, B, T, H, K, V):
     return dict(mixer=name, B=B, T=T, H=H, K=K, V=V, chunk=cfg.chunk, states=out)
 
 
+#: --sweep-states small: tiles below MIN_STATE_TILE, for few long sequences
+SMALL_SWEEP = [(32, 32, 4, 3), (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 3), (16, 16, 2, 3), (16, 32, 2, 3),
+               (32, 32, 2, 3), (32, 32, 4, 4)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--mixers", default="linear_attention,scalar_decay,gla,mamba2")
     ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
-    ap.add_argument("--sweep-states", action="store_true", help="time the states kernel alone per STATE_SWEEP")
+    ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small"), default=None,
+                    help="time the states kernel alone per STATE_SWEEP (all) or SMALL_SWEEP (small)")
     args = ap.parse_args(argv)
     import triton
 
@@ -141,7 +149,8 @@ def main(argv=None):
                 B, T, H, K, V = min(B, 1), 70, 2, 64, 64
             t0 = time.time()
             try:
-                row = (sweep_states if args.sweep_states else run)(name, B, T, H, K, V)
+                row = (sweep_states(name, B, T, H, K, V, args.sweep_states) if args.sweep_states
+                       else run(name, B, T, H, K, V))
             except Exception as e:   # one failing case must not lose the others
                 row = dict(mixer=name, B=B, T=T, H=H, error=f"{type(e).__name__}: {e}"[:1500])
             row["seconds"] = round(time.time() - t0, 1)

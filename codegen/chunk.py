@@ -108,11 +108,13 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
 #: per-key work, the decay's cumulative sum and exponentials: gla's states kernel at B = 16 went 0.57 ->
 #: 0.78 ms from 128 to 64 values a program), down to MIN_STATE_TILE keys and values. Measured on the H100
 #: for four decay kinds at B*H = 16, 64, 256 (strategy_bench-20261122-120722.json): this rule's tiles were
-#: the fastest or within 10% of the sweep's fastest at each. Split tiles run 4 warps and 3 stages (the loads
-#: of the next chunk overlap this one's: B = 1, T = 32768, linear 0.53 -> 0.34 ms, gla 2.86 -> 1.95).
+#: the fastest or within 10% of the sweep's fastest at each. They run STATE_WARPS warps whatever the main
+#: kernels' launch (the backward's 8 warps and 1 stage made linear attention's states passes 7% slower at
+#: B = 16), with 3 stages when split (the loads of the next chunk overlap this one's: B = 1, T = 32768,
+#: linear 0.53 -> 0.34 ms, gla 2.86 -> 1.95).
 MIN_STATE_TILE = 32
 STATE_WARPS = 4
-STATE_STAGES_SPLIT = 3
+STATE_STAGES = (2, 3)      # whole state, split state
 
 
 def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int]:
@@ -133,12 +135,10 @@ def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) 
     return bk, bv
 
 
-def state_launch(K: int, SBK: int, SBV: int, V: int, num_warps: int, num_stages: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of the states kernels: the main config's for a whole state, else
-    STATE_WARPS and STATE_STAGES_SPLIT."""
-    if SBK >= max(16, next_pow2(K)) and SBV >= max(16, next_pow2(V)):
-        return num_warps, num_stages
-    return STATE_WARPS, STATE_STAGES_SPLIT
+def state_launch(K: int, SBK: int, SBV: int, V: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the states kernels."""
+    whole = SBK >= max(16, next_pow2(K)) and SBV >= max(16, next_pow2(V))
+    return STATE_WARPS, STATE_STAGES[0 if whole else 1]
 
 
 _SM_COUNTS: dict = {}
@@ -211,7 +211,7 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
         cseq = torch.repeat_interleave(torch.arange(c.N, device=c.device, dtype=torch.int32), nc)
     dot_dt, prec = _dot_types(c.dtype)
     SBK, SBV = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
-    s_warps, s_stages = state_launch(c.K, SBK, SBV, c.V, config.num_warps, config.num_stages)
+    s_warps, s_stages = state_launch(c.K, SBK, SBV, c.V)
     return _Geom(BT, BK, BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
                  config.num_warps, config.num_stages, s_warps, s_stages)
 

@@ -122,6 +122,6 @@ def test_state_tiles_fill_the_gpu_with_few_sequences():
     assert chunk_path.state_tiles(128, 128, 16, 64, 128, 132) == (64, 32)
     # never below 32 keys and values (or the key tile of a small K)
     assert chunk_path.state_tiles(16, 32, 1, None, 32, 132) == (16, 32)
-    # whole states keep the main config's launch; split ones run 4 warps, 3 stages
-    assert chunk_path.state_launch(128, 128, 128, 128, 8, 1) == (8, 1)
-    assert chunk_path.state_launch(128, 32, 128, 128, 8, 1) == (4, 3)
+    # 4 warps; split states pipeline their loads 3 deep
+    assert chunk_path.state_launch(128, 128, 128, 128) == (4, 2)
+    assert chunk_path.state_launch(128, 32, 128, 128) == (4, 3)
