@@ -6,7 +6,7 @@ For each mixer and shape (bf16, K = V = 128) it takes the config a user gets (`o
 nearest or heuristic) and times the core kernels (`run_forward`, `run_backward`, medians of do_bench):
 
 * forward: fused, two_pass with the states kernel's tiles as before (the main kernels' BV and launch, all of
-  K), and two_pass with `state_tiles`' split and `state_launch`;
+  K), and two_pass with `state_tiles`' split;
 * backward (its states and dstates kernels) with the old and the new tiles;
 
 and checks that every variant's outputs agree with the first one's. With --sweep-states, the states kernel
@@ -31,14 +31,11 @@ def old_tiles(cp):
     """The states kernels' tiles and launch before the split: all of K, the main kernels' BV and launch."""
     class Old:
         def __enter__(self):
-            self.saved = cp.state_tiles, cp._geometry
-            geometry = cp._geometry
-            cp.state_tiles = lambda K, V, NH, BK, BV, n_sm: (max(16, cp.next_pow2(K)), BV)
-            cp._geometry = lambda c, config: dataclasses.replace(
-                geometry(c, config), s_warps=config.num_warps, s_stages=config.num_stages)
+            self.saved = cp.state_tiles
+            cp.state_tiles = lambda K, V, NH, BK, BV, n_sm: (max(16, cp.next_pow2(K)), BV, False)
 
         def __exit__(self, *exc):
-            cp.state_tiles, cp._geometry = self.saved
+            cp.state_tiles = self.saved
     return Old()
 
 
@@ -54,7 +51,7 @@ def run(name, B, T, H, K, V):
     sh = resolve_call(m, x)
     cfg_f, cfg_b = ops.config("chunk_fwd", sh), ops.config("chunk_bwd", sh)
     row = dict(mixer=name, B=B, T=T, H=H, K=K, V=V, config_fwd=cfg_f.to_dict(), config_bwd=cfg_b.to_dict(),
-               state_tiles=cp.state_tiles(K, V, B * H, cfg_f.BK, min(cfg_f.BV, V), cp.sm_count(call.device)),
+               state_tiles=cp.state_tiles(K, V, B * H, cfg_f.BK, min(cfg_f.BV, V), cp.sm_count(call.device))[:2],
                fwd={}, bwd={}, diff={})
     ref = None
     for label, strat, old in (("fused", "fused", False), ("two_pass_old_tiles", "two_pass", True),

@@ -103,42 +103,37 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
                          f"for tl.dot on the GPU")
 
 
-#: The states kernels' programs each walk a whole sequence, so their number is their parallelism: they
-#: split the state until there is one program per SM, keys first (a value split repeats each program's
-#: per-key work, the decay's cumulative sum and exponentials: gla's states kernel at B = 16 went 0.57 ->
-#: 0.78 ms from 128 to 64 values a program), down to MIN_STATE_TILE keys and values. Measured on the H100
-#: for four decay kinds at B*H = 16, 64, 256 (strategy_bench-20261122-120722.json): this rule's tiles were
-#: the fastest or within 10% of the sweep's fastest at each. They run STATE_WARPS warps whatever the main
-#: kernels' launch (the backward's 8 warps and 1 stage made linear attention's states passes 7% slower at
-#: B = 16), with 3 stages when split (the loads of the next chunk overlap this one's: B = 1, T = 32768,
-#: linear 0.53 -> 0.34 ms, gla 2.86 -> 1.95).
+#: The states kernels' programs each walk a whole sequence, so their number is their parallelism. With the
+#: main kernels' tiles (all of K, their BV) and launch there are B*H*V/BV of them, enough from half an SM
+#: count up (B = 16, T = 2048: 512). Below that (B = 1, T = 32768, H = 16: 32 programs) the state is split:
+#: keys first (a value split repeats each program's per-key work, the decay's cumulative sum and
+#: exponentials: gla's states kernel at B = 16 went 0.57 -> 0.78 ms from 128 to 64 values a program), at
+#: most MAX_STATE_TILE elements a program, until there is one program per SM, down to MIN_STATE_TILE keys
+#: and values, with 4 warps and 3 stages (the next chunk's loads overlap this one's: linear 0.53 -> 0.34
+#: ms, gla 2.86 -> 1.95 at B = 1). Measured on the H100 (strategy_bench-20261122-120722.json, the sweep of
+#: the states kernel alone; compare-20261122-122907.json): splitting where there were already 128 programs
+#: (K = V = 64 at B*H = 128) or whole [256, 256] states made the backward slower.
 MIN_STATE_TILE = 32
-STATE_WARPS = 4
-STATE_STAGES = (2, 3)      # whole state, split state
+MAX_STATE_TILE = 128 * 128
+SPLIT_LAUNCH = (4, 3)      # num_warps, num_stages of split states
 
 
-def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int]:
-    """(BK, BV) of the states kernels for NH sequence-heads: `BK` if the config fixes it (then only the values
-    split further), else all of K; all of V; then halved, keys first, while there are fewer than n_sm
-    programs. `BV` (the main kernels' value tile) is not used: the best states tiles do not follow it."""
+def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int, bool]:
+    """(BK, BV, split) of the states kernels for NH sequence-heads, given the main kernels' BV. A config's
+    BK fixes the key tile of a split state."""
     kp, vp = max(16, next_pow2(K)), max(16, next_pow2(V))
-    bk = min(BK, kp) if BK is not None else kp
-    bv = vp
-    programs = lambda: -(-K // bk) * -(-V // bv) * NH  # noqa: E731
-    while programs() < n_sm:
+    programs = lambda bk, bv: -(-K // bk) * -(-V // bv) * NH  # noqa: E731
+    if BK is None and 2 * programs(kp, BV) >= n_sm:
+        return kp, BV, False
+    bk, bv = (min(BK, kp) if BK is not None else kp), vp
+    while bk * bv > MAX_STATE_TILE or programs(bk, bv) < n_sm:
         if BK is None and bk > MIN_STATE_TILE:
             bk //= 2
         elif bv > MIN_STATE_TILE:
             bv //= 2
         else:
             break
-    return bk, bv
-
-
-def state_launch(K: int, SBK: int, SBV: int, V: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of the states kernels."""
-    whole = SBK >= max(16, next_pow2(K)) and SBV >= max(16, next_pow2(V))
-    return STATE_WARPS, STATE_STAGES[0 if whole else 1]
+    return bk, bv, True
 
 
 _SM_COUNTS: dict = {}
@@ -179,7 +174,7 @@ class _Geom:
     BK: int
     BV: int
     NV: int
-    SBK: int                            # the states kernels' tiles (state_tiles) and launch (state_launch)
+    SBK: int                            # the states kernels' tiles and launch (state_tiles)
     SBV: int
     LOG2_BT: int
     NC_total: int                       # chunks over all sequences
@@ -210,8 +205,8 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
         NC_total = int(coff[-1].item())
         cseq = torch.repeat_interleave(torch.arange(c.N, device=c.device, dtype=torch.int32), nc)
     dot_dt, prec = _dot_types(c.dtype)
-    SBK, SBV = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
-    s_warps, s_stages = state_launch(c.K, SBK, SBV, c.V)
+    SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
+    s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
     return _Geom(BT, BK, BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
                  config.num_warps, config.num_stages, s_warps, s_stages)
 

@@ -103,7 +103,7 @@ def test_states_kernels_split_keys_and_values(name):
     position t) has the same split in test_states_kernels_split_under_varlen."""
     x = random_inputs(zoo.ALL[name], B=1, T=8, H=2, K=40, V=36)
     sh = resolve_call(zoo.ALL[name], x)
-    assert chunk_path.state_tiles(sh.K, sh.V, 2, 16, 16, 132) == (16, 32)
+    assert chunk_path.state_tiles(sh.K, sh.V, 2, 16, 16, 132) == (16, 32, True)
     check(zoo.ALL[name], "two_pass", K=40, V=36, BK=16)
 
 
@@ -114,14 +114,16 @@ def test_states_kernels_split_under_varlen(name):
 
 
 def test_state_tiles_fill_the_gpu_with_few_sequences():
-    # B * H = 16 at K = V = 128 (B = 1, T = 32768): 16 programs with whole states; keys split first, then values
-    assert chunk_path.state_tiles(128, 128, 16, None, 64, 132) == (32, 32)
-    assert chunk_path.state_tiles(128, 128, 64, None, 64, 132) == (32, 128)     # B * H = 64: keys only
-    assert chunk_path.state_tiles(128, 128, 256, None, 64, 132) == (128, 128)   # 256 programs already
+    # B * H = 16 at K = V = 128 (B = 1, T = 32768): 32 programs with the main tiles; keys split first, then values
+    assert chunk_path.state_tiles(128, 128, 16, None, 64, 132) == (32, 32, True)
+    assert chunk_path.state_tiles(128, 128, 64, None, 128, 132) == (32, 128, True)   # gla at B * H = 64
+    # enough programs with the main kernels' tiles (and launch): unchanged
+    assert chunk_path.state_tiles(128, 128, 64, None, 64, 132) == (128, 64, False)
+    assert chunk_path.state_tiles(128, 128, 256, None, 128, 132) == (128, 128, False)
+    assert chunk_path.state_tiles(256, 256, 128, None, 64, 132) == (256, 64, False)
+    # a split state holds at most 128 x 128 (K = V = 256 at B * H = 16)
+    assert chunk_path.state_tiles(256, 256, 16, None, 64, 132) == (32, 128, True)
     # a fixed BK is kept; the values take the split
-    assert chunk_path.state_tiles(128, 128, 16, 64, 128, 132) == (64, 32)
+    assert chunk_path.state_tiles(128, 128, 16, 64, 128, 132) == (64, 32, True)
     # never below 32 keys and values (or the key tile of a small K)
-    assert chunk_path.state_tiles(16, 32, 1, None, 32, 132) == (16, 32)
-    # 4 warps; split states pipeline their loads 3 deep
-    assert chunk_path.state_launch(128, 128, 128, 128) == (4, 2)
-    assert chunk_path.state_launch(128, 32, 128, 128) == (4, 3)
+    assert chunk_path.state_tiles(16, 32, 1, None, 32, 132) == (16, 32, True)
