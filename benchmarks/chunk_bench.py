@@ -223,11 +223,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"chunk_bench-{stamp}.json")
-    dev = "cpu (interpreter)"
-    if not DRY:
-        p = torch.cuda.get_device_properties(0)
-        dev = f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs)"
-    res = {"torch": torch.__version__, "triton": triton.__version__, "date": stamp, "device": dev,
+    res = {"torch": torch.__version__, "triton": triton.__version__, "date": stamp, "device": device_label(),
            "fwd_configs": args.fwd,
            "bwd_configs": args.bwd}
 
@@ -409,6 +405,14 @@ def timing(n, args) -> dict:
     except Exception:
         r["error"] = traceback.format_exc()[-2000:]
     return r
+
+
+def device_label() -> str:
+    """The GPU as the result files name it (name, compute capability, SMs), or the interpreter."""
+    if DRY:
+        return "cpu (interpreter)"
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs)"
 
 
 def sync():

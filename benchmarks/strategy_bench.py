@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.chunk_bench import DRY, bench, capture, inputs, mixers, rel, sync
+from benchmarks.chunk_bench import DRY, bench, capture, device_label, inputs, mixers, rel, sync
 
 SHAPES = "1,32768,16;4,8192,16;16,2048,16"
 
@@ -132,11 +132,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"strategy_bench-{stamp}.json")
-    dev = "cpu (interpreter)"
-    if not DRY:
-        p = torch.cuda.get_device_properties(0)
-        dev = f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs)"
-    res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+    res = {"device": device_label(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": []}
     for name in args.mixers.split(","):
         for shp in args.shapes.split(";"):
