@@ -15,6 +15,7 @@ alone per tile, warps and stages (STATE_SWEEP) instead. Writes strategy_bench-<s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,7 +58,7 @@ def run(name, B, T, H, K, V):
     for label, strat, old in (("fused", "fused", False), ("two_pass_old_tiles", "two_pass", True),
                               ("two_pass", "two_pass", False)):
         c = dataclasses.replace(cfg_f, strategy=strat)
-        with old_tiles(cp) if old else _null():
+        with old_tiles(cp) if old else contextlib.nullcontext():
             o = cp.run_forward(call, c)[0]
             sync()
             ref = o.clone() if ref is None else ref
@@ -66,21 +67,13 @@ def run(name, B, T, H, K, V):
     do = torch.randn(B, T, H, V, device=call.device)
     gref = None
     for label, old in (("old_tiles", True), ("split", False)):
-        with old_tiles(cp) if old else _null():
+        with old_tiles(cp) if old else contextlib.nullcontext():
             g = {k: v.clone() for k, v in cp.run_backward(call, cfg_b, do, None, None).items()
                  if isinstance(v, torch.Tensor)}
             gref = g if gref is None else gref
             row["diff"]["bwd_" + label] = max(rel(v, gref[k]) for k, v in g.items())
             row["bwd"][label] = bench(lambda: cp.run_backward(call, cfg_b, do, None, None))
     return row
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 #: the states kernel's tiles and launch options swept by --sweep-states: (BK, BV, num_warps, num_stages)

@@ -40,6 +40,7 @@ dividing chunk, >= 16 on the GPU, so that stored configs stay readable).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import torch
@@ -136,17 +137,16 @@ def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) 
     return bk, bv, True
 
 
-_SM_COUNTS: dict = {}
-
-
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device`; the interpreter decides as on an H100 (132)."""
     if device.type != "cuda":
         return 132
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNTS:
-        _SM_COUNTS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNTS[i]
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,6 +186,10 @@ class _Geom:
     num_stages: int
     s_warps: int
     s_stages: int
+
+    def state_blocks(self, K: int, V: int) -> int:
+        """The states kernels' (K-block, V-block) programs per sequence-head."""
+        return -(-K // self.SBK) * -(-V // self.SBV)
 
 
 def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
@@ -243,7 +247,7 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool):
     ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if store_final else d
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
     if N * H > 0:
-        c.module.chunk_states_kernel[(-(-K // g.SBK) * -(-V // g.SBV), N * H)](
+        c.module.chunk_states_kernel[(g.state_blocks(K, V), N * H)](
             *c.map_args,
             c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf,
             *_seq_args(c, g),
@@ -344,7 +348,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     dS0 = torch.empty(N, H, K, V, **f32)
     dz0 = torch.empty(N, H, K, **f32) if c.normalize else d
     if N * H > 0:
-        c.module.chunk_dstates_kernel[(-(-K // g.SBK) * -(-V // g.SBV), N * H)](
+        c.module.chunk_dstates_kernel[(g.state_blocks(K, V), N * H)](
             *c.map_args,
             do, den, dden, dS_T if use_dst else d, dz_T if (use_dst and c.normalize) else d,
             dS0, dz0, dSbuf, dzbuf,
