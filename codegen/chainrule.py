@@ -28,8 +28,13 @@ def raw_grads(ctx: CallContext, fg: FeatureGrads, dfg: Optional[torch.Tensor],
     NB = -(-NT // BT)
     f32 = dict(dtype=torch.float32, device=ctx.device)
     writes = ctx.module.CHAIN_WRITES if NT > 0 else ()
+    # a feature that is one input as-is hands its gradient over (already in the input's dtype from the
+    # chunked backward; a cast here for the recurrent path's fp32 ones)
+    direct = {name: getattr(fg, "d" + f) for f, name in plan.passthrough.items()}
     outs = {}
     for o in plan.operands:
+        if o.name in direct:
+            continue
         x = ctx.tensors[o.name]
         new = torch.empty if o.name in writes else torch.zeros   # the kernel writes every element it owns
         if o.is_input and o.grouped:      # per head first; the heads of a group are summed below
@@ -40,11 +45,14 @@ def raw_grads(ctx: CallContext, fg: FeatureGrads, dfg: Optional[torch.Tensor],
             outs[o.name] = new((NB,) + tuple(x.shape), **f32)
     if writes:
         ctx.module.chain_kernel[(NB, sh.H)](
-            *ctx.kernel_args(), *(outs[o.name] for o in plan.operands),
+            *ctx.kernel_args(), *(outs[o.name] for o in plan.operands if o.name in outs),
             fg.dfq, fg.dfk, fg.dfv, fg.dfa, dfg, fg.dw, do, ctx.positions, ctx.scale, NT,
             H=sh.H, K=sh.K, V=sh.V, BT=BT, BK=BK, BV=BV)
     grads = {}
     for o in plan.operands:
+        if o.name in direct:
+            grads[o.name] = direct[o.name].to(ctx.tensors[o.name].dtype)
+            continue
         x, g = ctx.tensors[o.name], outs[o.name]
         if o.is_input and o.grouped:
             G = sh.group(o.name)

@@ -74,6 +74,9 @@ class ChunkCall:
     # o of the forward: fp32 when an epilogue (gate, norm) reads it, else the inputs' dtype, stored by the
     # kernel directly (CoreForward.o then is y: no fp32 o in HBM, no copy)
     o_dtype: torch.dtype = torch.float32
+    # dfq, dfk, dfv: the inputs' dtype for a feature that is an input as-is (plan.passthrough: that is the
+    # input's gradient, stored by the backward kernel directly), else fp32 for the chain rule
+    dfeature_dtypes: tuple = (torch.float32, torch.float32, torch.float32)
 
     @classmethod
     def from_ctx(cls, ctx) -> "ChunkCall":
@@ -84,7 +87,9 @@ class ChunkCall:
         return cls(ctx.module, ctx.kernel_args(), sh.B, sh.T, sh.H, sh.K, sh.V, sh.N, float(ctx.scale),
                    plan.decay, plan.inclusive, plan.normalize, plan.bonus, cu, ctx.S0, ctx.z0,
                    ctx.output_final_state, sh.dtype, sh.device,
-                   o_dtype=torch.float32 if plan.has_epilogue else sh.dtype)
+                   o_dtype=torch.float32 if plan.has_epilogue else sh.dtype,
+                   dfeature_dtypes=tuple(sh.dtype if f in plan.passthrough else torch.float32
+                                         for f in ("fq", "fk", "fv")))
 
 
 def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None:
@@ -316,7 +321,8 @@ def _empty_final(c: ChunkCall, want: bool):
 
 def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Optional[torch.Tensor],
                  dz_T: Optional[torch.Tensor]) -> dict:
-    """Feature gradients: dict with dfq, dfk, dfv, dfa, dw, dS0, dz0 (fp32)."""
+    """Feature gradients: dict with dfq, dfk, dfv, dfa, dw, dS0, dz0 (fp32; dfq, dfk, dfv in
+    c.dfeature_dtypes)."""
     g = _geometry(c, config)
     B, T, H, K, V, N = c.B, c.T, c.H, c.K, c.V, c.N
     dev, d = c.device, _dummy(c)
@@ -359,13 +365,17 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             **_launch_opts(g, _interpret(c), states=True),
         )
 
-    dq = torch.empty(B, T, H, K, **f32)
-    dk = torch.empty(B, T, H, K, **f32)
-    dv = torch.empty(B, T, H, V, **f32)
+    # exclusive with a bonus: the bonus's dk, dv stay on the q row's token, in their own buffers (summed
+    # below, in fp32)
+    two = c.bonus and not c.inclusive
+    dq_dt, dk_dt, dv_dt = c.dfeature_dtypes
+    if two:
+        dk_dt = dv_dt = torch.float32
+    dq = torch.empty(B, T, H, K, dtype=dq_dt, device=dev)
+    dk = torch.empty(B, T, H, K, dtype=dk_dt, device=dev)
+    dv = torch.empty(B, T, H, V, dtype=dv_dt, device=dev)
     lshape = (B, T, H, K) if c.decay == "key" else (B, T, H)
     dfa = torch.empty(lshape, **f32) if has_decay else d
-    # exclusive with a bonus: the bonus's dk, dv stay on the q row's token, in their own buffers
-    two = c.bonus and not c.inclusive
     dk2 = torch.empty(B, T, H, K, **f32) if two else d
     dv2 = torch.empty(B, T, H, V, **f32) if two else d
     n_prog = g.NC_total * H

@@ -76,7 +76,8 @@ class CoreForward:
 
 @dataclasses.dataclass
 class FeatureGrads:
-    """What a path's backward returns: gradients of the maps, fp32.
+    """What a path's backward returns: gradients of the maps, fp32 (the chunked path writes dfq, dfk,
+    dfv of a passthrough feature, KernelPlan.passthrough, in the inputs' dtype: they are final).
 
     dfa has the decay's shape class: [B, T, H, K] (per key), [B, T, H]
     (scalar), [H] (constant, summed over every token of every sequence);

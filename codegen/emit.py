@@ -102,8 +102,9 @@ class Emitter:
                          [f"G_{n}: tl.constexpr" for n in self.plan.grouped])
 
     def grad_args(self) -> str:
-        """The chain-rule kernel's gradient outputs, in plan order."""
-        return ", ".join(o.grad for o in self.plan.operands)
+        """The chain-rule kernel's gradient outputs, in plan order (not the passthrough inputs')."""
+        direct = set(self.plan.passthrough.values())
+        return ", ".join(o.grad for o in self.plan.operands if o.name not in direct)
 
     def load_params(self, which=None) -> str:
         """Parameters of head i_h feeding `which` (default: all), f_h, and the bonus weight b_w [BK]."""
@@ -216,8 +217,9 @@ class Emitter:
     def chain(self) -> "ChainPlan":
         """What the chain kernel computes: per operand, one tile variable per group of feature gradients."""
         operands, targets = [], []
+        direct = set(self.plan.passthrough.values())   # the chunked backward writes these itself
         for og in chain_rule(self.plan):
-            if not og.contributions:
+            if not og.contributions or og.operand.name in direct:
                 continue
             parts = []
             for c in og.contributions:

@@ -108,6 +108,29 @@ class KernelPlan:
         """Whether y differs from o (a gate or a norm); otherwise y is o cast to the input dtype."""
         return self.gate or self.norm is not None
 
+    @property
+    def passthrough(self) -> dict[str, str]:
+        """Features that are one raw input as-is (fq = q): feature name -> input name.
+
+        Such an input's gradient is its feature gradient, so the chunked backward writes it in the
+        input's dtype and the chain kernel neither reads nor writes it (three fp32 [B, T, H, K]
+        tensors less, written and read again, for a mixer like GLA). Only an input that feeds no other
+        expression, is not grouped, and has the feature's own last dimension qualifies."""
+        dims = {"fq": "key", "fk": "key", "fv": "value"}
+        users = {}
+        for e, names in self.feeds.items():
+            for n in names:
+                users.setdefault(n, []).append(e)
+        out = {}
+        for f, dim in dims.items():
+            e = self.exprs.get(f)
+            if e is None or not isinstance(e, Operand):
+                continue
+            o = self.operand(e.name)
+            if o.is_input and not o.grouped and o.layout == dim and users.get(o.name) == [f]:
+                out[f] = o.name
+        return out
+
     def operand(self, name: str) -> OperandInfo:
         for o in self.operands:
             if o.name == name:

@@ -4,6 +4,9 @@ On the H100 the chunked backward with fp16 dot operands lost the initial-state g
 (relative error 1.0) at log-decays of -20 per token: exp(B)-scaled operands fell below fp16's range.
 The interpreter rounds to fp16 the same way, so this is checked here.
 """
+import dataclasses
+
+import pytest
 import torch
 
 import mixforge as mf
@@ -43,3 +46,33 @@ def test_fp16_strong_decay_gradients_do_not_underflow():
     # reference rounded to fp16
     held = want["a"].to(torch.float16).double()
     assert (got["a"].double() - held).abs().max().item() < 1e-7
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2"])
+def test_passthrough_gradients_are_the_fp32_ones_rounded_once(name, monkeypatch):
+    """A feature that is an input as-is (gla's q, k, v; rwkv6's r, k, v with its exclusive bonus;
+    mamba2's x) has its gradient stored by the chunked backward in the input's dtype, with no chain
+    kernel pass: bit for bit the fp32 gradient rounded to fp16 once."""
+    from mixforge.codegen import chunk as chunk_path
+
+    m = mf.zoo.ALL[name]
+    ops = mf.compile(m)
+    direct = set(ops.plan.passthrough.values())
+    assert direct and not direct & set(ops.module.CHAIN_WRITES)
+    x = random_inputs(m, B=2, T=37, H=2, K=16, V=24, dtype=torch.float16, seed=5)
+
+    def grads():
+        xs = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+        y, _ = ops.chunk(**xs)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        return dict(zip(xs, torch.autograd.grad(y, list(xs.values()), dy)))
+
+    got = grads()
+    from_ctx = chunk_path.ChunkCall.from_ctx.__func__
+    monkeypatch.setattr(chunk_path.ChunkCall, "from_ctx", classmethod(
+        lambda cls, ctx: dataclasses.replace(from_ctx(cls, ctx), dfeature_dtypes=(torch.float32,) * 3)))
+    via_fp32 = grads()
+    for n in direct:
+        assert got[n].dtype == torch.float16 and torch.equal(got[n], via_fp32[n]), n
+    for n in set(x) - direct:
+        assert torch.equal(got[n], via_fp32[n]), n

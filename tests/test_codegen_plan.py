@@ -63,3 +63,16 @@ def test_plan_keeps_the_expressions():
     assert p.content_hash == mf.zoo.gla.content_hash and p.name == "gla"
     assert isinstance(p.exprs["fq"], sympy.Expr)
     assert build_plan(Mixer("tt", fq=Input("q") * t, fk=Input("k"), fv=Input("v", dim="value"))).uses_t
+
+
+def test_passthrough_features_are_inputs_used_once_as_is():
+    assert build_plan(mf.zoo.gla).passthrough == {"fq": "q", "fk": "k", "fv": "v"}
+    assert build_plan(mf.zoo.rwkv6).passthrough == {"fq": "r", "fk": "k", "fv": "v"}
+    assert build_plan(mf.zoo.hgrn2).passthrough == {"fq": "q", "fv": "v"}      # fk = 1 - a shares a with fa
+    assert build_plan(mf.zoo.mamba2).passthrough == {"fv": "x"}                # C is grouped: heads summed
+    assert build_plan(mf.zoo.linear_attention).passthrough == {"fv": "v"}      # elu(q) + 1
+    q, k, v = Input("q"), Input("k"), Input("v", dim="value")
+    # q also feeds the decay; a scaled input is not the input as-is; a tied q, k feeds two maps
+    assert build_plan(Mixer("m", fq=q, fk=k, fv=v, fa=logsigmoid(q))).passthrough == {"fk": "k", "fv": "v"}
+    assert build_plan(Mixer("m", fq=2 * q, fk=k, fv=v)).passthrough == {"fk": "k", "fv": "v"}
+    assert build_plan(Mixer("m", fq=q, fk=q, fv=v)).passthrough == {"fv": "v"}
