@@ -84,6 +84,7 @@ class Decoder:
 
         decl = ops.mixer
         self._input_names = tuple(o.name for o in decl.inputs)
+        self._input_set = frozenset(self._input_names)
         self._layouts = {o.name: [a for a in layout(o) if a != "T"] for o in decl.operands}
         # normal tensors even when built under torch.inference_mode, so that calls outside it can update them
         with torch.inference_mode(False), torch.no_grad():
@@ -147,43 +148,45 @@ class Decoder:
     # ------------------------------------------------------------------ steps
     def __call__(self, position=None, **tensors) -> torch.Tensor:
         """Copy one token's inputs (and any parameters given) into the buffers, step, return y [B, H, V]."""
-        dst, src = [], []
+        # the per-token path: one pass of cheap comparisons; the messages are built only on a mismatch
         buffers = self._buffers
-        for n in self._input_names:
-            if n not in tensors:
-                raise CallError(f"missing input {n!r}: a decoder step takes every input of one token "
-                                f"({', '.join(self._input_names)}); parameters are optional")
+        dst, src, grad = [], [], False
         for n, x in tensors.items():
             buf = buffers.get(n)
-            if buf is None:
-                raise CallError(f"unexpected input {n!r}: mixer {self._ops.mixer.name!r} takes "
-                                f"{', '.join(buffers)} (and position)")
-            if not isinstance(x, torch.Tensor):
-                raise CallError(f"{n}: expected a torch.Tensor, got {type(x).__name__}")
-            if x.shape != buf.shape:
-                raise CallError(f"{n}: expected shape [{', '.join(self._layouts[n])}] = {list(buf.shape)} "
-                                f"(this decoder's), got {list(x.shape)}")
-            if x.dtype != buf.dtype:
-                raise CallError(f"{n}: expected dtype {buf.dtype} (this decoder's), got {x.dtype}")
-            if x.device != buf.device:
-                raise CallError(f"{n}: expected device {buf.device} (this decoder's), got {x.device}")
+            if (buf is None or not isinstance(x, torch.Tensor) or x.shape != buf.shape or x.dtype != buf.dtype
+                    or x.device != buf.device):
+                self._explain(n, x)
             dst.append(buf)
             src.append(x)
-        if position is not None and self._positions is not None:
-            positions = self._check_position(position)
-        else:
-            positions = None
-        if torch.is_grad_enabled():
+            grad = grad or x.requires_grad
+        if not self._input_set <= tensors.keys():
+            missing = [n for n in self._input_names if n not in tensors]
+            raise CallError(f"missing input {missing[0]!r}: a decoder step takes every input of one token "
+                            f"({', '.join(self._input_names)}); parameters are optional")
+        positions = self._check_position(position) if position is not None and self._positions is not None else None
+        if grad:    # a token straight from a graph that tracks gradients: the copy must not be recorded
             with torch.no_grad():
-                return self._copy_and_run(dst, src, positions)
-        return self._copy_and_run(dst, src, positions)
-
-    def _copy_and_run(self, dst, src, positions) -> torch.Tensor:
-        if dst:
+                torch._foreach_copy_(dst, src)
+        else:
             torch._foreach_copy_(dst, src)
         if positions is not None:
             self._positions.copy_(positions)
         return self.run()
+
+    def _explain(self, n: str, x) -> None:
+        """Raise the error for a token tensor `n` that does not fit its buffer."""
+        buf = self._buffers.get(n)
+        if buf is None:
+            raise CallError(f"unexpected input {n!r}: mixer {self._ops.mixer.name!r} takes "
+                            f"{', '.join(self._buffers)} (and position)")
+        if not isinstance(x, torch.Tensor):
+            raise CallError(f"{n}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.shape != buf.shape:
+            raise CallError(f"{n}: expected shape [{', '.join(self._layouts[n])}] = {list(buf.shape)} "
+                            f"(this decoder's), got {list(x.shape)}")
+        if x.dtype != buf.dtype:
+            raise CallError(f"{n}: expected dtype {buf.dtype} (this decoder's), got {x.dtype}")
+        raise CallError(f"{n}: expected device {buf.device} (this decoder's), got {x.device}")
 
     def run(self) -> torch.Tensor:
         """One step on what `inputs` and `params` hold now: y [B, H, V]; the state and position advance."""

@@ -138,6 +138,8 @@ def test_decoder_errors_name_the_argument():
         dec(**dict(inputs, v=inputs["v"][:1]))
     with pytest.raises(CallError, match="k: expected dtype torch.float32"):
         dec(**dict(inputs, k=inputs["k"].half()))
+    with pytest.raises(CallError, match="k: expected device cpu"):
+        dec(**dict(inputs, k=torch.empty_like(inputs["k"], device="meta")))
     with pytest.raises(CallError, match="missing input 'k'"):
         dec(**{n: v for n, v in inputs.items() if n != "k"})
     with pytest.raises(CallError, match="unexpected input 'bogus'"):
@@ -164,3 +166,15 @@ def test_decoder_built_under_inference_mode_works_outside_it():
     assert torch.equal(dec(**inputs), y_in)
     dec.load_state(tuple(s.clone() for s in dec.state), position=3)
     assert dec.position.tolist() == [3, 3]
+
+
+def test_decoder_takes_tokens_that_track_gradients():
+    """A token straight out of a projection that requires grad: copied in without recording the copy
+    (the buffers stay plain tensors, the step's y the same as from a detached token)."""
+    mixer, ops = mf.zoo.cosformer, ops_for("cosformer")
+    full, inputs = split(mixer, random_inputs(mixer, B=2, T=1, H=1, K=4, V=3, seed=49), 0)
+    dec = ops.decoder(**full)
+    y = dec(**{n: x.clone().requires_grad_(True) for n, x in inputs.items()}).clone()
+    assert not any(b.requires_grad for b in dec.inputs.values()) and not y.requires_grad
+    dec.reset()
+    assert torch.equal(dec(**inputs), y)
