@@ -179,9 +179,12 @@ def test_lookup_order_user_then_shipped_then_nearest_then_heuristic(tmp_path, mo
     put(shipped, key(T=65536), chunk=16)
     look.invalidate()
     assert look.resolve("abc123", sk).source == "shipped-nearest" and look("abc123", sk).chunk == 16
-    put(user, key(T=256), chunk=32)
+    put(user, key(T=256), chunk=32)            # as far from T = 4096 as the shipped T = 65536: the user's
     look.invalidate()
     assert look.resolve("abc123", sk).source == "user-nearest" and look("abc123", sk).chunk == 32
+    put(shipped, key(T=16384), chunk=128)      # a nearer shipped bucket beats a farther user one
+    look.invalidate()
+    assert look.resolve("abc123", sk).source == "shipped-nearest" and look("abc123", sk).chunk == 128
     put(shipped, key(), chunk=64)
     look.invalidate()
     assert look.resolve("abc123", sk).source == "shipped" and look("abc123", sk).chunk == 64
@@ -197,7 +200,8 @@ def test_lookup_order_user_then_shipped_then_nearest_then_heuristic(tmp_path, mo
 
 def test_a_template_edit_keeps_tuned_configs_in_use_but_prefers_the_current_source(tmp_path, monkeypatch):
     """Shipped defaults are keyed by the template hash of the day they were tuned; a later edit (a rounding
-    fix) must not send every zoo mixer back to the heuristic tiles, yet a config tuned on today's source wins."""
+    fix) must not send every zoo mixer back to the heuristic tiles, yet a config tuned on today's source wins
+    among equally near buckets."""
     import mixforge.tuner.lookup as lk
 
     monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
@@ -208,9 +212,12 @@ def test_a_template_edit_keeps_tuned_configs_in_use_but_prefers_the_current_sour
     put(shipped, key(source="src1"), chunk=16)
     r = look.resolve("abc123", sk)
     assert r.source == "shipped-nearest" and r.config.chunk == 16 and r.key.source == "src1"
-    put(shipped, key(source="src2", T=65536), chunk=32)   # current source, farther bucket: still preferred
+    put(shipped, key(source="src2", T=65536), chunk=32)   # current source, farther bucket: the nearer one wins
     look.invalidate()
     r = look.resolve("abc123", sk)
+    assert r.config.chunk == 16 and r.key.source == "src1"
+    # at T = 16384 both are one bucket away: the current source's
+    r = look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 4, 16384, 16, 128, 128))
     assert r.config.chunk == 32 and r.key.source == "src2"
 
 
