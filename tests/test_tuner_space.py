@@ -75,6 +75,18 @@ def test_heuristic_default_is_in_the_gpu_space():
             assert sp.contains(sp.heuristic()), (kernel, p, sp.check(sp.heuristic()))
 
 
+def test_heuristic_baseline_fits_its_strategy_to_the_tuned_shape():
+    """The tuner's baseline is what the ops run untuned at that shape: at B*H = 16, T = 32768 the ops run
+    the heuristic's forward two-pass, so that is the config a tune must beat."""
+    for p in (GLA, MAMBA2):
+        sp = gpu_space("chunk_fwd", p)
+        few_long = sp.heuristic(NH=16, T=32768)
+        assert few_long.strategy == "two_pass" and sp.contains(few_long)
+        assert sp.heuristic(NH=256, T=2048) == sp.heuristic()      # enough programs: as chosen blind
+        assert gpu_space("chunk_bwd", p).heuristic(NH=16, T=32768) == gpu_space("chunk_bwd", p).heuristic()
+    assert gpu_space("chunk_fwd", MAMBA2).heuristic().strategy == "fused"   # so the fit above changed it
+
+
 def test_axes_follow_the_kernel_and_the_decay():
     rec = gpu_space("recurrent_fwd")
     assert set(rec.axes) == {"BV", "num_warps"}

@@ -306,8 +306,11 @@ class SearchSpace:
              "limits": dataclasses.asdict(self.limits)}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
-    def heuristic(self, interpret: bool = False) -> KernelConfig:
-        return _heuristic(self.kernel, self.problem, interpret)
+    def heuristic(self, interpret: bool = False, NH: int = -1, T: int = -1) -> KernelConfig:
+        """The config the ops run without a tuned one; NH (sequences x heads) and T, where known, fit its
+        forward strategy to the call as the ops do (`codegen.config.fit_strategy`)."""
+        return heuristic_config(self.kernel, self.problem.K, self.problem.V, self.problem.dtype,
+                                interpret=interpret, decay=self.problem.decay, NH=NH, T=T)
 
     def __len__(self) -> int:
         return len(self.grid())
