@@ -191,6 +191,7 @@ class _Geom:
     num_stages: int
     s_warps: int
     s_stages: int
+    pre: bool                           # the states walk reads chunk_keys_kernel's decayed keys (walk_keys)
 
     def state_blocks(self, K: int, V: int) -> int:
         """The states kernels' (K-block, V-block) programs per sequence-head."""
@@ -217,7 +218,18 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
     s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
     return _Geom(BT, BK, BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
-                 config.num_warps, config.num_stages, s_warps, s_stages)
+                 config.num_warps, config.num_stages, s_warps, s_stages, walk_keys(c, split))
+
+
+def walk_keys(c: ChunkCall, split: bool) -> bool:
+    """Whether the states walk reads its decayed keys and chunk decays from chunk_keys_kernel (run first,
+    one program per chunk) instead of computing them at every step. Where the state is split (few long
+    sequences), the walk's time is the latency of its steps, and each waited on the chunk's maps,
+    cumulative log-decay and exponentials before its dot: gla's states kernel took 1.97 ms for 512 chunks
+    at B = 1, linear attention's (no decay math) 0.34 (strategy_bench-20261122-122520). The walk then
+    reads a [BT, BK] 16-bit tile of decayed keys instead of k and the decay input. Not for normalize
+    mixers, whose z sums the keys in fp32."""
+    return split and c.decay != "none" and not c.normalize
 
 
 def _dummy(c: ChunkCall) -> torch.Tensor:
@@ -251,15 +263,23 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool):
     zbuf = torch.empty(max(g.NC_total, 1), H, K, dtype=torch.float32, device=dev) if c.normalize else d
     ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if store_final else d
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
+    kd = dl = d
+    if g.pre and g.NC_total * H > 0:
+        kd = torch.empty(g.NC_total * g.BT, H, K, dtype=_state_dtype(c.dtype), device=dev)
+        dl = torch.empty((g.NC_total, H, K) if c.decay == "key" else (g.NC_total, H), dtype=torch.float32,
+                         device=dev)
+        c.module.chunk_keys_kernel[(g.NC_total * H,)](
+            *c.map_args, kd, dl, *_seq_args(c, g), c.T, c.scale,
+            H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None, **_launch_opts(g, _interpret(c)))
     if N * H > 0:
         c.module.chunk_states_kernel[(g.state_blocks(K, V), N * H)](
             *c.map_args,
-            c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf,
+            c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf, kd, dl,
             *_seq_args(c, g),
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_S0=c.S0 is not None, STORE_ST=store_final,
-            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
+            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
             **_launch_opts(g, _interpret(c), states=True),
         )
     return Sbuf, zbuf, ST, zT

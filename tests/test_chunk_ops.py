@@ -107,6 +107,32 @@ def test_states_kernels_split_keys_and_values(name):
     check(zoo.ALL[name], "two_pass", K=40, V=36, BK=16)
 
 
+@pytest.mark.parametrize("pre", [True, False])
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "retnet", "griffin"])
+def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):
+    """A split states walk reads the decayed keys and chunk decays of chunk_keys_kernel (PRE), or computes
+    them at every step: per-key, scalar and constant decays, exclusive with a bonus, grouped inputs, three
+    key blocks (the last masked), varlen with an empty sequence; both against the reference."""
+    decided = []
+    real = chunk_path.walk_keys
+    monkeypatch.setattr(chunk_path, "walk_keys", lambda c, split: decided.append(real(c, split)) or (pre and decided[-1]))
+    cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
+    check(zoo.ALL[name], "two_pass", B=1, K=40, V=36, BK=16, cu_seqlens=cu)
+    assert decided and all(decided)     # split at these sizes, and a decay that the keys pass serves
+
+
+def test_walk_keys_only_for_split_decaying_states_without_normalize():
+    def call(name):
+        ops = mf.compile(zoo.ALL[name])
+        return chunk_path.ChunkCall(ops.module, [], 1, 8, 2, 8, 8, 1, 1.0, ops.plan.decay, ops.plan.inclusive,
+                                    ops.plan.normalize, ops.plan.bonus, None, None, None, False, torch.float32,
+                                    torch.device("cpu"))
+    assert chunk_path.walk_keys(call("gla"), True) and chunk_path.walk_keys(call("retnet"), True)
+    assert not chunk_path.walk_keys(call("gla"), False)                    # many sequences: walks stay as they are
+    assert not chunk_path.walk_keys(call("linear_attention"), True)        # no decay (and normalize)
+    assert not chunk_path.walk_keys(call("rfa"), True)                     # normalize: z sums the fp32 keys
+
+
 @pytest.mark.parametrize("name", ["gla", "cosformer"])
 def test_states_kernels_split_under_varlen(name):
     cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
