@@ -228,6 +228,23 @@ def roofline_ms(mixer: Mixer, x: dict, rates: dict) -> float:
     return nbytes / rates["copy_bytes_per_s"] * 1e3
 
 
+def configs_used(case: Case, ops, x: dict) -> dict:
+    """Per kernel of the case's path: the config its calls run with here and where it came from (user,
+    shipped, a nearest bucket of either, or the heuristic), so a row can be reproduced."""
+    from mixforge.spec.shapes import resolve_call
+    from mixforge.tuner.lookup import explain
+
+    sh = resolve_call(case.mixer, x)
+    out = {}
+    for kernel in (f"{case.path}_fwd", f"{case.path}_bwd"):
+        try:
+            source = explain(case.mixer, kernel, sh.B, sh.T, sh.H, sh.K, sh.V, sh.dtype).source
+            out[kernel] = dict(source=source, config=ops.config(kernel, sh).to_dict())
+        except Exception as e:  # a record, never a reason to lose the row
+            out[kernel] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    return out
+
+
 def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd"), peers=True) -> list[dict]:
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
     for n_ in ("q", "k", "r", "C", "B"):  # keep logits moderate at K = 128
@@ -241,7 +258,7 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
         return fn_ours(**x)[0]
 
     base = dict(mixer=case.name, peer=case.peer, B=B, T=T, H=H, K=K, V=V,
-                dtype=str(dtype).replace("torch.", ""), path=case.path)
+                dtype=str(dtype).replace("torch.", ""), path=case.path, configs=configs_used(case, ops, x))
     try:
         if not peers:
             raise RuntimeError("not measured (--no-peers)")

@@ -78,3 +78,31 @@ def test_sdpa_peer_backward_reaches_the_inputs():
     y = run()
     compare.fwd_bwd(run, list(x.values()), torch.randn_like(y))()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in x.values())
+
+
+def test_compare_rows_record_the_config_each_kernel_ran(tmp_path, monkeypatch):
+    """benchmarks.compare puts into every row the config of each kernel and where it came from: the
+    heuristic where nothing was tuned (on this CPU the shipped H100 defaults do not apply), the user's
+    entry once the cache holds one for that shape."""
+    import mixforge as mf
+    import mixforge.tuner.lookup as lk
+    from benchmarks.compare import CASES, configs_used
+    from mixforge.codegen.config import KernelConfig, ShapeKey
+    from mixforge.spec.testing import random_inputs
+
+    monkeypatch.setenv("MIXFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lk, "_default", None)
+    case = {c.name: c for c in CASES}["gla"]
+    ops = mf.compile(case.mixer)
+    x = random_inputs(case.mixer, B=1, T=32, H=2, K=16, V=16)
+    got = configs_used(case, ops, x)
+    assert set(got) == {"chunk_fwd", "chunk_bwd"}
+    assert all(r["source"] == "heuristic" and r["config"]["chunk"] >= 8 for r in got.values()), got
+    tuned = KernelConfig(**{**got["chunk_fwd"]["config"], "num_warps": 2})
+    look = lk.default_lookup()
+    look.user.put(look.key_for(case.mixer, ShapeKey("chunk_fwd", "fp32", 1, 32, 2, 16, 16)), tuned, 1.0,
+                  baseline_ms=2.0, mixer_name="gla", trials={"target": 1, "evaluated": 1})
+    look.invalidate()
+    got = configs_used(case, ops, x)
+    assert got["chunk_fwd"] == dict(source="user", config=tuned.to_dict()), got
+    assert got["chunk_bwd"]["source"] == "heuristic"
