@@ -10,6 +10,7 @@ names the templates use: fq, fk, fv, fa, fg, w (the bonus weight) and term
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import sympy
@@ -108,14 +109,15 @@ class KernelPlan:
         """Whether y differs from o (a gate or a norm); otherwise y is o cast to the input dtype."""
         return self.gate or self.norm is not None
 
-    @property
+    @functools.cached_property
     def passthrough(self) -> dict[str, str]:
         """Features that are one raw input as-is (fq = q): feature name -> input name.
 
         Such an input's gradient is its feature gradient, so the chunked backward writes it in the
         input's dtype and the chain kernel neither reads nor writes it (three fp32 [B, T, H, K]
         tensors less, written and read again, for a mixer like GLA). Only an input that feeds no other
-        expression, is not grouped, and has the feature's own last dimension qualifies."""
+        expression, is not grouped, and has the feature's own last dimension qualifies. Computed once per
+        plan: every backward call asks (ChunkCall.from_ctx, chainrule.raw_grads)."""
         dims = {"fq": "key", "fk": "key", "fv": "value"}
         users = {}
         for e, names in self.feeds.items():

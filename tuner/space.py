@@ -309,15 +309,14 @@ class SearchSpace:
     def heuristic(self, interpret: bool = False, NH: int = -1, T: int = -1) -> KernelConfig:
         """The config the ops run without a tuned one; NH (sequences x heads) and T, where known, fit its
         forward strategy to the call as the ops do (`codegen.config.fit_strategy`)."""
-        return heuristic_config(self.kernel, self.problem.K, self.problem.V, self.problem.dtype,
-                                interpret=interpret, decay=self.problem.decay, NH=NH, T=T)
+        return _heuristic(self.kernel, self.problem, interpret, NH=NH, T=T)
 
     def __len__(self) -> int:
         return len(self.grid())
 
 
-def _heuristic(kernel: str, p: Problem, interpret: bool) -> KernelConfig:
-    return heuristic_config(kernel, p.K, p.V, p.dtype, interpret=interpret, decay=p.decay)
+def _heuristic(kernel: str, p: Problem, interpret: bool, NH: int = -1, T: int = -1) -> KernelConfig:
+    return heuristic_config(kernel, p.K, p.V, p.dtype, interpret=interpret, decay=p.decay, NH=NH, T=T)
 
 
 def build_space(kernel: str, problem: Problem, *, limits: Optional[DeviceLimits] = None,
