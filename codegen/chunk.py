@@ -255,22 +255,25 @@ def _seq_args(c: ChunkCall, g: _Geom) -> list:
             g.cseq if g.cseq is not None else d]
 
 
-def _states(c: ChunkCall, g: _Geom, store_final: bool):
-    """S^(c) (and z^(c)) of every chunk, in the dot operand dtype, and the final state (fp32)."""
+def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = False):
+    """S^(c) (and z^(c)) of every chunk, in the dot operand dtype, and the final state (fp32); with the
+    keys pass (g.pre) for_backward, also the dstates walk's q * exp(B) and the chunk decays, else dummies."""
     H, K, V, N = c.H, c.K, c.V, c.N
     dev, d = c.device, _dummy(c)
     Sbuf = torch.empty(max(g.NC_total, 1), H, K, V, dtype=_state_dtype(c.dtype), device=dev)
     zbuf = torch.empty(max(g.NC_total, 1), H, K, dtype=torch.float32, device=dev) if c.normalize else d
     ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if store_final else d
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
-    kd = dl = d
+    kd = dl = qe = d
     if g.pre and g.NC_total * H > 0:
         kd = torch.empty(g.NC_total * g.BT, H, K, dtype=_state_dtype(c.dtype), device=dev)
+        qe = torch.empty_like(kd) if for_backward else d
         dl = torch.empty((g.NC_total, H, K) if c.decay == "key" else (g.NC_total, H), dtype=torch.float32,
                          device=dev)
         c.module.chunk_keys_kernel[(g.NC_total * H,)](
-            *c.map_args, kd, dl, *_seq_args(c, g), c.T, c.scale,
-            H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None, **_launch_opts(g, _interpret(c)))
+            *c.map_args, kd, dl, qe, *_seq_args(c, g), c.T, c.scale,
+            H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None, QE=for_backward,
+            **_launch_opts(g, _interpret(c)))
     if N * H > 0:
         c.module.chunk_states_kernel[(g.state_blocks(K, V), N * H)](
             *c.map_args,
@@ -282,7 +285,8 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool):
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
             **_launch_opts(g, _interpret(c), states=True),
         )
-    return Sbuf, zbuf, ST, zT
+    del kd
+    return Sbuf, zbuf, ST, zT, qe, dl
 
 
 def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, zbuf, save_on: bool):
@@ -320,7 +324,7 @@ def run_forward(c: ChunkCall, config: KernelConfig):
             return o, _empty_final(c, want)[0], _empty_final(c, want)[1]
         _fwd_kernel(c, g, True, o, d, d, ST, zT, d, d, save_on=False)
     else:
-        Sbuf, zbuf, ST, zT = _states(c, g, store_final=want)
+        Sbuf, zbuf, ST, zT, _, _ = _states(c, g, store_final=want)
         if N * H == 0:
             return o, _empty_final(c, want)[0], _empty_final(c, want)[1]
         _fwd_kernel(c, g, False, o, d, d, d, d, Sbuf, zbuf, save_on=False)
@@ -355,7 +359,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         if c.normalize:
             dz_T = (dz_T if dz_T is not None else torch.zeros(N, H, K, device=dev)).contiguous().float()
     has_decay = c.decay != "none"
-    Sbuf, zbuf, _, _ = _states(c, g, store_final=False)
+    Sbuf, zbuf, _, _, qe, dl = _states(c, g, store_final=False, for_backward=True)
 
     den = dden = d
     if c.normalize:
@@ -377,13 +381,14 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         c.module.chunk_dstates_kernel[(g.state_blocks(K, V), N * H)](
             *c.map_args,
             do, den, dden, dS_T if use_dst else d, dz_T if (use_dst and c.normalize) else d,
-            dS0, dz0, dSbuf, dzbuf,
+            dS0, dz0, dSbuf, dzbuf, qe, dl,
             *_seq_args(c, g),
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
-            USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
+            USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
             **_launch_opts(g, _interpret(c), states=True),
         )
+    del qe, dl
 
     # exclusive with a bonus: the bonus's dk, dv stay on the q row's token, in their own buffers (summed
     # below, in fp32)

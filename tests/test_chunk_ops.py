@@ -110,9 +110,10 @@ def test_states_kernels_split_keys_and_values(name):
 @pytest.mark.parametrize("pre", [True, False])
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "retnet", "griffin"])
 def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):
-    """A split states walk reads the decayed keys and chunk decays of chunk_keys_kernel (PRE), or computes
-    them at every step: per-key, scalar and constant decays, exclusive with a bonus, grouped inputs, three
-    key blocks (the last masked), varlen with an empty sequence; both against the reference."""
+    """Split states and dstates walks read the decayed keys, q * exp(B) and chunk decays of chunk_keys_kernel
+    (PRE), or compute them at every step: per-key, scalar and constant decays, exclusive with a bonus, grouped
+    inputs, three key blocks (the last masked), varlen with an empty sequence; values and gradients, both
+    against the reference."""
     decided = []
     real = chunk_path.walk_keys
     monkeypatch.setattr(chunk_path, "walk_keys", lambda c, split: decided.append(real(c, split)) or (pre and decided[-1]))
