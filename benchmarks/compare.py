@@ -208,6 +208,31 @@ def measure(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: 
     return bench(step), peak_mem(step)
 
 
+def kernel_profile(fn: Callable[[], object], iters: int = 5) -> list:
+    """[(kernel, device us per call, launches per call)] of fn, largest first: where a row's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(ev.key[:80], round(ev.device_time_total / iters, 1), ev.count / iters)
+            for ev in prof.key_averages() if getattr(ev, "device_time_total", 0) > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def profiled(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: str) -> list:
+    """kernel_profile of one pass, set up as measure() sets it up."""
+    if pass_ == "fwd":
+        with torch.no_grad():
+            return kernel_profile(run)
+    for t_ in leaves:
+        t_.requires_grad_(True)
+    return kernel_profile(fwd_bwd(run, leaves, torch.randn_like(run())))
+
+
 def machine_rates() -> dict:
     n = 1 << 28  # 512 MiB of bf16 read + written
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -245,7 +270,8 @@ def configs_used(case: Case, ops, x: dict) -> dict:
     return out
 
 
-def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd"), peers=True) -> list[dict]:
+def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+bwd"), peers=True,
+             profile=False) -> list[dict]:
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
     for n_ in ("q", "k", "r", "C", "B"):  # keep logits moderate at K = 128
         if n_ in x and x[n_].dim() == 4:
@@ -277,6 +303,8 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
         leaves = [t_ for t_ in x.values()]
         try:
             row["ms"], row["peak_bytes"] = measure(ours, leaves, p)
+            if profile:
+                row["profile_us"] = profiled(ours, leaves, p)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
         if peer is None:
@@ -285,6 +313,8 @@ def run_case(case: Case, ops, B, T, H, K, V, dtype, rates, passes=("fwd", "fwd+b
             row["agree_rel_err"] = agree
             try:
                 row["peer_ms"], row["peer_peak_bytes"] = measure(peer, leaves, p)
+                if profile:
+                    row["peer_profile_us"] = profiled(peer, leaves, p)
             except Exception as e:
                 row["peer_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for t_ in leaves:
@@ -472,6 +502,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-only", action="store_true", help="tune (--tune-trials) and exit")
     ap.add_argument("--tune-time-limit", type=float, default=None, help="seconds for all the tuning")
     ap.add_argument("--warmup-only", action="store_true", help="run the warm-up (--warmup-jobs) and exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each row's kernels and their device time (torch.profiler), ours and the peer's")
     ap.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -520,7 +552,8 @@ def main(argv=None) -> int:
                 if ops is None:
                     rows += _peer_only(case, B, T, H, K, V, dtype)
                 else:
-                    ours = run_case(case, ops, B, T, H, K, V, dtype, rates, peers=not args.no_peers)
+                    ours = run_case(case, ops, B, T, H, K, V, dtype, rates, peers=not args.no_peers,
+                                    profile=args.profile)
                     rows += ours
                     if not args.no_sdpa:
                         if (B, T, K, V) not in sdpa:
