@@ -117,7 +117,21 @@ def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, d
             return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 128)), num_warps=8,
                                 num_stages=3, strategy="two_pass")
         return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 128)), num_warps=8, num_stages=2)
-    if kernel in ("chunk_fwd", "chunk_bwd"):   # K > 128: 32-row chunks (not measured yet)
+    if kernel in ("chunk_fwd", "chunk_bwd") and dtype == "bf16" and decay is not None and V >= 64 and V % 64 == 0:
+        # K > 128: the tuner's winners at B = 8, T = 4096, H = 16, K = V = 256 (10 trials each,
+        # benchmarks/results/compare-tune-20261122-1500-h100-k256.log). Forward against the tiles below: linear
+        # attention 1.69 -> 1.15 ms, scalar decay 3.17 -> 2.07, per-key decays 12.5 -> 4.5-5.2 (all of K in one
+        # tile leaves the fused walk's state and the per-key factors spilling: the two-pass forward splits them)
+        if kernel == "chunk_bwd":
+            return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=64, num_warps=8,
+                                num_stages=2 if decay == "none" else 1)
+        if decay == "none":
+            return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=min(Vp, 128), num_warps=8, num_stages=1)
+        if decay == "key":
+            return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=min(Vp, 128), num_warps=8, num_stages=2,
+                                strategy="two_pass")
+        return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=64, num_warps=8, num_stages=2, strategy="two_pass")
+    if kernel in ("chunk_fwd", "chunk_bwd"):   # K > 128 in other dtypes, or the decay unknown: not measured
         return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=8, num_stages=2)
     chunk = 64 if Kp <= 128 else 32
     BV = min(Vp, 64 if Kp <= 128 else 32)

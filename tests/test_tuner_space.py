@@ -129,15 +129,29 @@ def test_invalid_samples_never_reach_the_runner(tmp_path):
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
-@pytest.mark.parametrize("V", [64, 96, 128])
+@pytest.mark.parametrize("K,V", [(128, 64), (128, 96), (128, 128), (256, 256), (256, 192), (192, 96)])
 @pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd"])
-def test_gpu_defaults_are_configs_the_kernels_accept(kernel, V, decay):
+def test_gpu_defaults_are_configs_the_kernels_accept(kernel, K, V, decay):
     """The GPU heuristic (what runs without a tuned config) is a valid point of the H100 search space."""
     from mixforge.codegen.config import heuristic_config
 
-    p = Problem(K=128, V=V, dtype="bf16", decay=decay)
-    cfg = heuristic_config(kernel, 128, V, "bf16", interpret=False, decay=decay)
+    p = Problem(K=K, V=V, dtype="bf16", decay=decay)
+    cfg = heuristic_config(kernel, K, V, "bf16", interpret=False, decay=decay)
     assert build_space(kernel, p, limits=H100, interpret=False).check(cfg, estimate=False) == []
-    # wide value tiles only where V splits into whole 64-wide blocks (see codegen/config.py)
-    if decay != "key" and V % 64:
+    # wide value tiles only where V splits into whole 64-wide blocks (see codegen/config.py; K <= 128)
+    if decay != "key" and V % 64 and K <= 128:
         assert cfg.BV >= V
+
+
+def test_gpu_defaults_above_k128_follow_the_measured_winners():
+    """K = V = 256 bf16 (the tuner's winners on the H100): per-key and scalar decays run the two-pass forward
+    (the fused walk's state and per-key factors spill with all of K in one tile), no decay stays fused; the
+    decaying backwards unpipelined. Other dtypes keep the unmeasured small tiles."""
+    from mixforge.codegen.config import heuristic_config
+
+    fwd = {d: heuristic_config("chunk_fwd", 256, 256, "bf16", decay=d) for d in ("none", "scalar", "key")}
+    assert [fwd[d].strategy for d in ("none", "scalar", "key")] == ["fused", "two_pass", "two_pass"]
+    assert (fwd["none"].chunk, fwd["none"].BV, fwd["key"].chunk, fwd["key"].BV) == (64, 128, 32, 128)
+    assert heuristic_config("chunk_bwd", 256, 256, "bf16", decay="scalar").num_stages == 1
+    assert heuristic_config("chunk_fwd", 256, 256, "fp32", decay="scalar").strategy == "fused"
+    assert heuristic_config("chunk_fwd", 256, 256, "bf16", decay=None).strategy == "fused"   # decay unknown
