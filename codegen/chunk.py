@@ -223,7 +223,8 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
 
 def walk_keys(c: ChunkCall, split: bool) -> bool:
     """Whether the states walk reads its decayed keys and chunk decays from chunk_keys_kernel (run first,
-    one program per chunk) instead of computing them at every step. Where the state is split (few long
+    one program per chunk) instead of computing them at every step; in the backward, the dstates walk its
+    q * exp(B) and chunk decays too. Where the state is split (few long
     sequences), the walk's time is the latency of its steps, and each waited on the chunk's maps,
     cumulative log-decay and exponentials before its dot: gla's states kernel took 1.97 ms for 512 chunks
     at B = 1, linear attention's (no decay math) 0.34 (strategy_bench-20261122-122520). The walk then
@@ -285,7 +286,6 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
             **_launch_opts(g, _interpret(c), states=True),
         )
-    del kd
     return Sbuf, zbuf, ST, zT, qe, dl
 
 
@@ -388,7 +388,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
             **_launch_opts(g, _interpret(c), states=True),
         )
-    del qe, dl
+    del qe, dl      # the dstates walk's inputs only: freed before the backward kernel's allocations
 
     # exclusive with a bonus: the bonus's dk, dv stay on the q row's token, in their own buffers (summed
     # below, in fp32)
