@@ -1,0 +1,167 @@
+"""Why does a decaying states walk take 1.6x linear attention's? One experiment per hypothesis, in one call.
+
+    python -m benchmarks.walk_micro [--chunks 512] [--out DIR]      # the GPU
+    TRITON_INTERPRET=1 python -m benchmarks.walk_micro --smoke       # the CPU interpreter: the variants agree
+
+The profile at B = 1, T = 32768, H = 16, K = V = 128 (compare-20261122-145744) has scalar decay's split states
+walk at 526 us against linear attention's 330 with the same tiles, and no tile or launch config closes the gap
+(strategy_bench-20261122-150738). The two walks differ by one multiply per step of the fp32 state by the
+chunk's decay. The guess: that multiply keeps each step's dot from overlapping the next one, which a pure
+accumulation (linear attention) allows.
+
+Each variant below walks the same chunks, as chunk_states_kernel's PRE walk does (store S^(c), then
+S <- d_c S + kd_c^T v_c), with one change:
+
+  add          no decay: S <- S + kd^T v (linear attention's walk, the floor)
+  scalar       the decay as a scalar load used in the same step (the walk before the prefetch)
+  prefetch     the scalar loaded one step ahead (the walk now)
+  vector       the decay as a [BK] tensor load, one step ahead (a per-key decay's walk)
+  frame_keys   no multiply on the state: it is kept relative to the running decay D (S = D * acc), the keys
+               scaled by 1 / D before the dot and the stored copy by D (1 / D grows over the walk: a real
+               kernel would renormalize every few chunks)
+  frame_values the same with the values scaled instead of the keys
+
+Outputs of every decaying variant are compared with `prefetch` (and `add` with its own reference). Writes
+walk_micro-<stamp>.json with device, versions, date and the median time of each variant.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+VARIANTS = ("add", "scalar", "prefetch", "vector", "frame_keys", "frame_values")
+_MODE = {name: i for i, name in enumerate(VARIANTS)}
+
+
+@triton.jit
+def walk_kernel(kd_ptr, v_ptr, dl_ptr, S_ptr, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr):
+    i_kv, i_h = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // (V // BV), i_kv % (V // BV)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    b_D = tl.full([1], 1.0, tl.float32)        # frame variants: S = D * b_S
+    b_dl = tl.load(dl_ptr + i_h)
+    b_dlv = tl.load(dl_ptr + i_h + o_k * 0)
+    for i_c in range(0, NC):
+        p_S = S_ptr + ((i_c * H + i_h) * K + o_k[:, None]).to(tl.int64) * V + o_v[None, :]
+        if MODE >= 4:
+            tl.store(p_S, (b_S * b_D).to(S_ptr.dtype.element_ty))
+        else:
+            tl.store(p_S, b_S.to(S_ptr.dtype.element_ty))
+        rows = (i_c * BT + o_t).to(tl.int64) * H + i_h
+        b_kd = tl.load(kd_ptr + rows[:, None] * K + o_k[None, :])
+        b_v = tl.load(v_ptr + rows[:, None] * V + o_v[None, :])
+        m_next = i_c + 1 < NC
+        if MODE == 0:
+            b_S += tl.dot(tl.trans(b_kd), b_v)
+        elif MODE == 1:
+            b_S = b_S * tl.load(dl_ptr + i_c * H + i_h) + tl.dot(tl.trans(b_kd), b_v)
+        elif MODE == 2:
+            b_next = tl.load(dl_ptr + (i_c + 1) * H + i_h, mask=m_next, other=1.)
+            b_S = b_S * b_dl + tl.dot(tl.trans(b_kd), b_v)
+            b_dl = b_next
+        elif MODE == 3:
+            b_nextv = tl.load(dl_ptr + (i_c + 1) * H + i_h + o_k * 0, mask=(o_k * 0 + i_c + 1) < NC, other=1.)
+            b_S = b_S * b_dlv[:, None] + tl.dot(tl.trans(b_kd), b_v)
+            b_dlv = b_nextv
+        else:
+            b_D = b_D * tl.load(dl_ptr + i_c * H + i_h)
+            if MODE == 4:
+                b_S += tl.dot(tl.trans((b_kd.to(tl.float32) / b_D).to(b_kd.dtype)), b_v)
+            else:
+                b_S += tl.dot(tl.trans(b_kd), (b_v.to(tl.float32) / b_D).to(b_v.dtype))
+
+
+def run_variant(name: str, kd, v, dl, BT: int, BK: int, BV: int, num_warps: int, num_stages: int):
+    NC, H, K, V = dl.shape[0], dl.shape[1], kd.shape[-1], v.shape[-1]
+    S = torch.empty(NC, H, K, V, dtype=kd.dtype, device=kd.device)
+    opts = {} if kd.device.type == "cpu" else dict(num_warps=num_warps, num_stages=num_stages)
+    walk_kernel[((K // BK) * (V // BV), H)](kd, v, dl, S, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                            MODE=_MODE[name], **opts)
+    return S
+
+
+def reference(kd, v, dl, decay: bool):
+    """S^(c) of every chunk in float64."""
+    NC, H = dl.shape
+    BT = kd.shape[0] // NC
+    S = torch.zeros(H, kd.shape[-1], v.shape[-1], dtype=torch.float64)
+    out = []
+    for c in range(NC):
+        out.append(S.clone())
+        k_c = kd[c * BT:(c + 1) * BT].double().cpu()
+        v_c = v[c * BT:(c + 1) * BT].double().cpu()
+        d = dl[c].double().cpu()[:, None, None] if decay else 1.0
+        S = S * d + torch.einsum("thk,thv->hkv", k_c, v_c)
+    return torch.stack(out)
+
+
+def rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: check the variants agree")
+    ap.add_argument("--chunks", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--tiles", default="64,32,32,4,3", help="BT,BK,BV,num_warps,num_stages (the split walk's)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":   # read by triton.jit when this module was imported
+            print("--smoke runs on Triton's interpreter: set TRITON_INTERPRET=1")
+            return 2
+        dev, NC, H, K, V, (BT, BK, BV, W, S) = "cpu", 5, 2, 32, 32, (16, 16, 16, 4, 1)
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks.walk_micro needs a CUDA device (or --smoke)")
+            return 2
+        dev, NC, H, K, V = "cuda", a.chunks, a.heads, 128, 128
+        BT, BK, BV, W, S = (int(x) for x in a.tiles.split(","))
+    # bf16 as the compare runs it; fp16 on the interpreter, whose bf16 arithmetic is not the GPU's
+    dt = torch.float16 if a.smoke else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    kd = (torch.randn(NC * BT, H, K, generator=g) * 0.1).to(dt).to(dev)
+    v = torch.randn(NC * BT, H, V, generator=g).to(dt).to(dev)
+    # chunk decays in [0.9, 1): 1 / D stays below 1e24 over 512 chunks, in range for the frame variants
+    dl = (0.9 + 0.1 * torch.rand(NC, H, generator=g)).to(dev)
+    refs = {True: reference(kd, v, dl, True), False: reference(kd, v, dl, False)}
+    doc = {"benchmark": "walk_micro", "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+           "torch": torch.__version__, "triton": triton.__version__,
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "shape": dict(chunks=NC, heads=H, K=K, V=V, BT=BT, BK=BK, BV=BV, num_warps=W, num_stages=S),
+           "rows": []}
+    for name in VARIANTS:
+        out = run_variant(name, kd, v, dl, BT, BK, BV, W, S)
+        row = {"variant": name, "rel_err": rel(out.float(), refs[name != "add"])}
+        if dev == "cuda":
+            row["ms"] = triton.testing.do_bench(lambda: run_variant(name, kd, v, dl, BT, BK, BV, W, S),
+                                                warmup=25, rep=200, return_mode="median")
+        doc["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"walk_micro-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {path}")
+    bad = [r["variant"] for r in doc["rows"] if not r["rel_err"] <= 2e-2]
+    if bad:
+        print(f"variants off the reference: {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
