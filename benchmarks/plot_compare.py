@@ -1,6 +1,7 @@
 """Plot and tabulate a `benchmarks.compare` result.
 
     python -m benchmarks.plot_compare benchmarks/results/compare-<stamp>.json [--out compare.png] [--markdown]
+    python -m benchmarks.plot_compare EARLIER.json LATER.json ... --out merged.png --markdown
 
 The PNG has one panel per variant (mixer): time against T at K = V = 128
 (B*T = 32768, so every point moves the same number of tokens), forward and
@@ -9,6 +10,10 @@ roofline floor (inputs read once, output written once, at the copy rate
 measured in the same run) drawn in. `--markdown` prints the README table:
 every row with both times, the ratio (peer / ours, > 1 means mixforge is
 faster), peak memory and the roofline fraction.
+
+Several results merge into one (a run cut by its time limit, completed by a later run of the missing cases):
+a row of a later file replaces the same row (mixer, peer, shape, pass) of an earlier one. Each ratio still
+comes from one run, where ours and the peer were timed side by side; the table names each row's run.
 """
 from __future__ import annotations
 
@@ -25,6 +30,23 @@ def load(path) -> dict:
     if "rows" not in data:
         raise SystemExit(f"{path}: not a benchmarks.compare result (no 'rows')")
     return data
+
+
+def _row_key(r: dict) -> tuple:
+    return tuple(r.get(k) for k in ("mixer", "peer", "B", "T", "H", "K", "V", "dtype", "pass"))
+
+
+def merge(paths) -> dict:
+    """One result from several, later files first: every row tagged with its file's name (`run`); the
+    device, versions and date of the last file, and `runs`, the files in order."""
+    rows: dict = {}
+    data = {}
+    for path in paths:
+        data = load(path)
+        for r in data["rows"]:
+            rows[_row_key(r)] = dict(r, run=Path(path).stem)
+    return {**{k: v for k, v in data.items() if k != "rows"}, "runs": [Path(p).stem for p in paths],
+            "rows": list(rows.values())}
 
 
 def plot(data: dict, out, K: int = 128, sdpa_bwd: bool = True) -> Path:
@@ -81,7 +103,8 @@ def plot(data: dict, out, K: int = 128, sdpa_bwd: bool = True) -> Path:
     for ax in list(axes.flat)[len(mixers):]:
         ax.set_axis_off()
     fig.suptitle(f"{data.get('device', '?')}, bf16, H = 16, K = V = {K}; torch {data.get('torch')}, "
-                 f"Triton {data.get('triton')}, {data.get('date', '')[:10]}", fontsize=9)
+                 f"Triton {data.get('triton')}, {data.get('date', '')[:10]}"
+                 + (f"; rows of {len(data['runs'])} runs" if len(data.get("runs", ())) > 1 else ""), fontsize=9)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
@@ -93,12 +116,15 @@ def _fmt(v, f="{:.3f}"):
 
 
 def markdown(data: dict) -> str:
-    lines = ["| mixer | peer | B | T | K | pass | mixforge ms | peer ms | ratio | mem ours / peer (MB) | roofline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = len(data.get("runs", ())) > 1      # merged results name each row's run
+    lines = ["| mixer | peer | B | T | K | pass | mixforge ms | peer ms | ratio | mem ours / peer (MB) | roofline |"
+             + (" run |" if runs else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if runs else "")]
     for r in data["rows"]:
+        run = f" {r.get('run', '')} |" if runs else ""
         if "pass" not in r:
             lines.append(f"| {r.get('mixer')} | {r.get('peer', '')} | {r.get('B')} | {r.get('T')} | {r.get('K')} "
-                         f"| | error | | | | |")
+                         f"| | error | | | | |{run}")
             continue
         peer_ms = r.get("peer_ms")
         if peer_ms is None:
@@ -114,21 +140,22 @@ def markdown(data: dict) -> str:
             ratio += " (outputs differ)"
         lines.append(f"| {r['mixer']} | {r.get('peer', '')} | {r['B']} | {r['T']} | {r['K']} | {r['pass']} | "
                      f"{_fmt(r.get('ms'))} | {peer_ms_txt} | {ratio} | {mem} | "
-                     f"{_fmt(r.get('roofline_fraction'), '{:.0%}')} |")
+                     f"{_fmt(r.get('roofline_fraction'), '{:.0%}')} |{run}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot_compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("result", help="a compare-*.json written by python -m benchmarks.compare")
-    p.add_argument("--out", default=None, help="the PNG (default: next to the JSON, .png)")
+    p.add_argument("result", nargs="+",
+                   help="a compare-*.json written by python -m benchmarks.compare; several merge, later ones win")
+    p.add_argument("--out", default=None, help="the PNG (default: next to the (last) JSON, .png)")
     p.add_argument("--K", type=int, default=128, help="which K the plot shows (default 128)")
     p.add_argument("--markdown", action="store_true", help="print the README table")
     p.add_argument("--no-sdpa-bwd", action="store_true",
                    help="leave SDPA's fwd+bwd out (runs before the fix of 2026-11-22 timed its forward only)")
     a = p.parse_args(argv)
-    data = load(a.result)
-    out = plot(data, a.out or Path(a.result).with_suffix(".png"), K=a.K, sdpa_bwd=not a.no_sdpa_bwd)
+    data = load(a.result[0]) if len(a.result) == 1 else merge(a.result)
+    out = plot(data, a.out or Path(a.result[-1]).with_suffix(".png"), K=a.K, sdpa_bwd=not a.no_sdpa_bwd)
     print(f"wrote {out}")
     if a.markdown:
         print(markdown(data))

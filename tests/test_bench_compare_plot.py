@@ -39,6 +39,25 @@ def test_plot_and_markdown(tmp_path, capsys):
     assert "| mamba2 |" in table and "error" in table
 
 
+def test_merged_results_keep_each_row_of_the_latest_run(tmp_path, capsys):
+    """A run cut short, completed by a later one: the later file's rows replace the same rows, the others
+    stay, and the table names each row's run."""
+    early = _result(tmp_path)
+    doc = json.loads(early.read_text())
+    late_row = dict(next(r for r in doc["rows"] if r.get("peer") == "fla.chunk_gla" and r["B"] == 16
+                         and r["pass"] == "fwd"), ms=0.25, ratio=2.0)
+    late = tmp_path / "compare-y.json"
+    late.write_text(json.dumps(dict(doc, date="2026-11-23", rows=[late_row])))
+    assert plot_compare.main([str(early), str(late), "--markdown", "--out", str(tmp_path / "m.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| gla | fla.chunk_gla | 16 | 2048 | 128 | fwd | 0.250 | 0.500 | 2.00 | 3 / 4 | 50% | compare-y |" in table
+    assert "| gla | fla.chunk_gla | 16 | 2048 | 128 | fwd | 0.400 |" not in table      # replaced, not repeated
+    assert "| gla | fla.chunk_gla | 4 | 8192 | 128 | fwd | 0.400 | 0.500 | 1.25 | 3 / 4 | 50% | compare-x |" in table
+    merged = plot_compare.merge([early, late])
+    assert merged["runs"] == ["compare-x", "compare-y"] and merged["date"] == "2026-11-23"
+    assert len(merged["rows"]) == len(doc["rows"])
+
+
 def test_not_a_compare_result(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
