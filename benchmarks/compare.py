@@ -431,26 +431,31 @@ def tune_cases(cases, shapes, trials: int, time_limit) -> list[dict]:
     Every shape, not one per K: a config tuned at B = 16, T = 2048 and looked up at B = 1, T = 32768 (the
     nearest bucket) took 0.91 ms for linear attention's forward against the heuristic's 0.61
     (compare-20261122-132240). The later shapes of one K mostly reuse compiled kernels (T and B are
-    runtime arguments), so they cost little more than their timing."""
+    runtime arguments), so they cost little more than their timing.
+
+    A time limit is shared evenly: each (case, shape) may use the time left over the items left, so that
+    the first cases cannot spend it all (one limit for all, in order, left mamba2 untuned at K = 256 and
+    rwkv6's backward at 0 trials: compare-tune-20261122-1500-h100-k256.log); what one leaves over goes on."""
     t0 = time.time()
     done = []
-    for case in cases:
-        for (B, T, K, V) in _shapes_of(case, shapes):
-            left = None if time_limit is None else time_limit - (time.time() - t0)
-            if left is not None and left <= 5:
-                done.append(dict(mixer=case.name, K=K, V=V, skipped="time limit"))
-                continue
-            t1 = time.time()
-            try:
-                report = mf.tune(case.mixer, (B, T, 16, K, V), "bf16", trials=trials, timeout=left,
-                                 kernels=[f"{case.path}_fwd", f"{case.path}_bwd"])
-                rows = [dict(kernel=r.kernel, time_ms=r.time_ms, speedup=r.speedup, trials=r.trials_run,
-                             cache_hit=r.cache_hit, config=r.config.to_dict() if r.config else None)
-                        for r in report]
-            except Exception as e:
-                rows = [dict(error=f"{type(e).__name__}: {str(e)[:300]}")]
-            done.append(dict(mixer=case.name, B=B, T=T, K=K, V=V, wall_s=time.time() - t1, kernels=rows))
-            print(f"[tune {case.name}] B={B} T={T} K={K}: {json.dumps(rows, default=str)[:400]}", flush=True)
+    todo = [(case, shape) for case in cases for shape in _shapes_of(case, shapes)]
+    for i, (case, (B, T, K, V)) in enumerate(todo):
+        left = None if time_limit is None else time_limit - (time.time() - t0)
+        if left is not None and left <= 5:
+            done.append(dict(mixer=case.name, K=K, V=V, skipped="time limit"))
+            continue
+        share = None if left is None else left / (len(todo) - i)
+        t1 = time.time()
+        try:
+            report = mf.tune(case.mixer, (B, T, 16, K, V), "bf16", trials=trials, timeout=share,
+                             kernels=[f"{case.path}_fwd", f"{case.path}_bwd"])
+            rows = [dict(kernel=r.kernel, time_ms=r.time_ms, speedup=r.speedup, trials=r.trials_run,
+                         cache_hit=r.cache_hit, config=r.config.to_dict() if r.config else None)
+                    for r in report]
+        except Exception as e:
+            rows = [dict(error=f"{type(e).__name__}: {str(e)[:300]}")]
+        done.append(dict(mixer=case.name, B=B, T=T, K=K, V=V, wall_s=time.time() - t1, kernels=rows))
+        print(f"[tune {case.name}] B={B} T={T} K={K}: {json.dumps(rows, default=str)[:400]}", flush=True)
     return done
 
 

@@ -125,3 +125,24 @@ def test_compare_rows_record_the_config_each_kernel_ran(tmp_path, monkeypatch):
     got = configs_used(case, ops, x)
     assert got["chunk_fwd"] == dict(source="user", config=tuned.to_dict()), got
     assert got["chunk_bwd"]["source"] == "heuristic"
+
+
+def test_tune_cases_share_the_time_limit(monkeypatch):
+    """Each (case, shape) may use the time left over the items left: the first case cannot spend it all, and
+    what an item leaves over goes to the next ones."""
+    from benchmarks import compare
+
+    seen = []
+
+    def fake_tune(mixer, shape, dtype, trials, timeout, kernels):
+        seen.append((shape, timeout))
+        return []
+    monkeypatch.setattr(compare.mf, "tune", fake_tune)
+    cases = compare._cases({"gla", "mamba2"})
+    shapes = [(16, 2048, 128, 128), (8, 4096, 64, 64)]
+    done = compare.tune_cases(cases, shapes, trials=3, time_limit=100.0)
+    assert len(seen) == len(done) == 4
+    shares = [t for _, t in seen]
+    assert 24.0 < shares[0] <= 25.0                      # 100 s over four items
+    assert 32.0 < shares[1] <= 100 / 3 and 99.0 < shares[3] <= 100.0   # the fast items left their time over
+    assert compare.tune_cases(cases, shapes, trials=3, time_limit=None) and seen[-1][1] is None
