@@ -20,6 +20,9 @@ S <- d_c S + kd_c^T v_c), with one change:
                scaled by 1 / D before the dot and the stored copy by D (1 / D grows over the walk: a real
                kernel would renormalize every few chunks)
   frame_values the same with the values scaled instead of the keys
+  frame_renorm frame_keys, renormalizing (S *= D, D = 1) whenever D falls below RENORM: what a real kernel
+               needs under strong decays; the multiply on the state is then data-dependent and rare. Does
+               the branch alone cost what the multiply did?
 
 Outputs of every decaying variant are compared with `prefetch` (and `add` with its own reference). Writes
 walk_micro-<stamp>.json with device, versions, date and the median time of each variant.
@@ -36,20 +39,23 @@ import torch
 import triton
 import triton.language as tl
 
-VARIANTS = ("add", "scalar", "prefetch", "vector", "frame_keys", "frame_values")
+VARIANTS = ("add", "scalar", "prefetch", "vector", "frame_keys", "frame_values", "frame_renorm")
+#: frame_renorm's threshold: the micro's decays (0.9-1 per chunk) cross it every ~200 chunks on the GPU; the
+#: smoke run uses 0.99 (nearly every chunk) so that the branch runs on the interpreter too
+RENORM = 1e-9
 _MODE = {name: i for i, name in enumerate(VARIANTS)}
 
 
 @triton.jit
 def walk_kernel(kd_ptr, v_ptr, dl_ptr, S_ptr, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr):
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, RENORM: tl.constexpr):
     i_kv, i_h = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // (V // BV), i_kv % (V // BV)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    b_D = tl.full([1], 1.0, tl.float32)        # frame variants: S = D * b_S
+    b_D = tl.load(dl_ptr + i_h) * 0 + 1.0      # frame variants: S = D * b_S (a scalar, loop-carried)
     b_dl = tl.load(dl_ptr + i_h)
     b_dlv = tl.load(dl_ptr + i_h + o_k * 0)
     for i_c in range(0, NC):
@@ -76,18 +82,35 @@ def walk_kernel(kd_ptr, v_ptr, dl_ptr, S_ptr, NC, H: tl.constexpr, K: tl.constex
             b_dlv = b_nextv
         else:
             b_D = b_D * tl.load(dl_ptr + i_c * H + i_h)
-            if MODE == 4:
-                b_S += tl.dot(tl.trans((b_kd.to(tl.float32) / b_D).to(b_kd.dtype)), b_v)
-            else:
+            if MODE == 6:
+                if b_D < RENORM:
+                    b_S = b_S * b_D
+                    b_D = b_D * 0 + 1.0
+            if MODE == 5:
                 b_S += tl.dot(tl.trans(b_kd), (b_v.to(tl.float32) / b_D).to(b_v.dtype))
+            else:
+                b_S += tl.dot(tl.trans((b_kd.to(tl.float32) / b_D).to(b_kd.dtype)), b_v)
 
 
-def run_variant(name: str, kd, v, dl, BT: int, BK: int, BV: int, num_warps: int, num_stages: int):
+def renorms(dl, threshold: float) -> int:
+    """How often frame_renorm renormalizes over the walk (all heads), simulated on the host."""
+    count = 0
+    for h in range(dl.shape[1]):
+        D = 1.0
+        for c in range(dl.shape[0]):
+            D *= float(dl[c, h])
+            if D < threshold:
+                D, count = 1.0, count + 1
+    return count
+
+
+def run_variant(name: str, kd, v, dl, BT: int, BK: int, BV: int, num_warps: int, num_stages: int,
+                renorm: float = RENORM):
     NC, H, K, V = dl.shape[0], dl.shape[1], kd.shape[-1], v.shape[-1]
     S = torch.empty(NC, H, K, V, dtype=kd.dtype, device=kd.device)
     opts = {} if kd.device.type == "cpu" else dict(num_warps=num_warps, num_stages=num_stages)
     walk_kernel[((K // BK) * (V // BV), H)](kd, v, dl, S, NC, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                            MODE=_MODE[name], **opts)
+                                            MODE=_MODE[name], RENORM=renorm, **opts)
     return S
 
 
@@ -124,12 +147,14 @@ def main(argv=None) -> int:
             print("--smoke runs on Triton's interpreter: set TRITON_INTERPRET=1")
             return 2
         dev, NC, H, K, V, (BT, BK, BV, W, S) = "cpu", 5, 2, 32, 32, (16, 16, 16, 4, 1)
+        renorm = 0.99
     else:
         if not torch.cuda.is_available():
             print("benchmarks.walk_micro needs a CUDA device (or --smoke)")
             return 2
         dev, NC, H, K, V = "cuda", a.chunks, a.heads, 128, 128
         BT, BK, BV, W, S = (int(x) for x in a.tiles.split(","))
+        renorm = RENORM
     # bf16 as the compare runs it; fp16 on the interpreter, whose bf16 arithmetic is not the GPU's
     dt = torch.float16 if a.smoke else torch.bfloat16
     g = torch.Generator().manual_seed(0)
@@ -142,12 +167,13 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "triton": triton.__version__,
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "shape": dict(chunks=NC, heads=H, K=K, V=V, BT=BT, BK=BK, BV=BV, num_warps=W, num_stages=S),
+           "renorm": renorm, "renorms": renorms(dl.cpu(), renorm),
            "rows": []}
     for name in VARIANTS:
-        out = run_variant(name, kd, v, dl, BT, BK, BV, W, S)
+        out = run_variant(name, kd, v, dl, BT, BK, BV, W, S, renorm)
         row = {"variant": name, "rel_err": rel(out.float(), refs[name != "add"])}
         if dev == "cuda":
-            row["ms"] = triton.testing.do_bench(lambda: run_variant(name, kd, v, dl, BT, BK, BV, W, S),
+            row["ms"] = triton.testing.do_bench(lambda: run_variant(name, kd, v, dl, BT, BK, BV, W, S, renorm),
                                                 warmup=25, rep=200, return_mode="median")
         doc["rows"].append(row)
         print(json.dumps(row), flush=True)

@@ -15,6 +15,7 @@ def test_walk_variants_agree_with_the_float64_walk(tmp_path):
     assert {"device", "torch", "triton", "date", "rows", "shape"} <= set(doc)
     assert [r["variant"] for r in doc["rows"]] == list(walk_micro.VARIANTS)
     assert all(r["rel_err"] < 2e-3 for r in doc["rows"]), doc["rows"]
+    assert doc["renorms"] > 0      # frame_renorm's branch ran
 
 
 def test_walk_reference_decays():
