@@ -55,7 +55,7 @@ def signature(fn, plan, constexprs: dict, in_ty: str = "bf16", state_ty: str = "
             sig[name] = "fp32"
         elif name in INT_ARGS:
             sig[name] = "i32"
-        elif name in ("Sbuf_ptr", "dSbuf_ptr"):
+        elif name in ("Sbuf_ptr", "dSbuf_ptr", "kd_ptr", "qe_ptr"):   # chunk_keys_kernel's tiles: the state dtype
             sig[name] = f"*{state_ty}"
         elif name in ("cu_ptr", "coff_ptr", "cseq_ptr"):
             sig[name] = "*i32"
