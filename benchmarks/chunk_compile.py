@@ -1,10 +1,16 @@
 """Compile a mixer's chunk kernels for a GPU target without a GPU: compile time, registers, spills, shared memory.
 
     python -m benchmarks.chunk_compile [--mixers gla,mamba2] [--configs 64,64,8,2 32,64,8,2] [--arch 90]
+    python -m benchmarks.chunk_compile --mixers scalar_decay --kernels chunk_states_kernel,chunk_dstates_kernel \
+        --configs 64,32,4,3 --state-tile 32 --pre        # a split walk as at B = 1 (state_tiles, SPLIT_LAUNCH)
 
 Uses Triton's own compiler and the ptxas bundled with it (no driver needed), so the resource report of
 every kernel a config launches can be read on a CPU machine before spending GPU time. Each config is
 chunk,BV,num_warps,num_stages (sub_chunk is not used by the chunk kernels). Inputs are taken as bf16.
+
+Each line also counts, in the PTX, the 16-byte async copies (`cp.async.cg`: tile loads the software pipeliner
+prefetches), narrower ones (`cp.async.ca`), synchronous global loads (`ld.global`) and wgmma instructions: a
+tile that a serial walk loads with ld.global every step waits a global-memory latency each time.
 """
 from __future__ import annotations
 
@@ -89,7 +95,16 @@ def compile_one(mod, plan, kernel: str, consts: dict, num_warps: int, num_stages
     n_regs, n_spills = getattr(k, "n_regs", None), getattr(k, "n_spills", None)
     return dict(kernel=kernel, seconds=dt, shared=getattr(md, "shared", None), n_regs=n_regs, n_spills=n_spills,
                 ptx_lines=ptx.count("\n"), wgmma="wgmma" in ptx, mma="mma.sync" in ptx, sass_regs=sass_regs,
-                ptx=ptx)
+                ptx=ptx, loads=load_counts(ptx))
+
+
+def load_counts(ptx: str) -> dict:
+    """How the kernel moves its tiles: pipelined 16-byte async copies, narrower ones, synchronous loads."""
+    import re
+
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in
+            (("cp.async.cg", r"cp\.async\.cg"), ("cp.async.ca", r"cp\.async\.ca"), ("ld.global", r"ld\.global"),
+             ("wgmma", r"wgmma\.mma_async"))}
 
 
 def ptxas_report(ptx: str, arch: int) -> str:
@@ -123,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--V", type=int, default=128)
+    ap.add_argument("--state-tile", type=int, default=None,
+                    help="the states kernels' BK = BV (a split walk's tiles; default: all of K, the config's BV)")
+    ap.add_argument("--pre", action="store_true", help="the walks read the keys pass's buffers (PRE)")
     args = ap.parse_args(argv)
     for name in args.mixers.split(","):
         m = mixers[name]
@@ -133,12 +151,15 @@ def main(argv=None):
             consts = dict(H=16, K=args.K, V=args.V, BT=BT, BK=max(16, triton.next_power_of_2(args.K)), BV=BV,
                           LOG2_BT=BT.bit_length() - 1, FUSED=not args.two_pass, USE_S0=False, STORE_ST=False,
                           STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, DOT_DT=tl.bfloat16,
-                          PREC="tf32")
+                          PREC="tf32", PRE=args.pre, QE=args.pre)
             for kern in args.kernels.split(","):
-                r = compile_one(mod, plan, kern, consts, W, S, args.arch)
+                kconsts = dict(consts)
+                if args.state_tile and kern in ("chunk_states_kernel", "chunk_dstates_kernel"):
+                    kconsts.update(BK=args.state_tile, BV=args.state_tile)
+                r = compile_one(mod, plan, kern, kconsts, W, S, args.arch)
                 rep = ptxas_report(r["ptx"], args.arch)
                 print(f"{name:16s} {c:12s} {kern:22s} {r['seconds']:6.1f}s smem={r['shared']} "
-                      f"wgmma={r['wgmma']} mma={r['mma']} | {rep}", flush=True)
+                      f"wgmma={r['wgmma']} mma={r['mma']} {r['loads']} | {rep}", flush=True)
 
 
 if __name__ == "__main__":
