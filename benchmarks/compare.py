@@ -197,15 +197,19 @@ def fwd_bwd(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], dy: tor
     return step
 
 
-def measure(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: str) -> tuple[float, int]:
-    """(median ms, peak bytes) of the forward alone, or of forward plus backward into every leaf."""
+def on_pass(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: str, what: Callable):
+    """what(step), step being the forward alone (under no_grad) or forward plus backward into every leaf."""
     if pass_ == "fwd":
         with torch.no_grad():
-            return bench(run), peak_mem(run)
+            return what(run)
     for t_ in leaves:
         t_.requires_grad_(True)
-    step = fwd_bwd(run, leaves, torch.randn_like(run()))
-    return bench(step), peak_mem(step)
+    return what(fwd_bwd(run, leaves, torch.randn_like(run())))
+
+
+def measure(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: str) -> tuple[float, int]:
+    """(median ms, peak bytes) of one pass."""
+    return on_pass(run, leaves, pass_, lambda step: (bench(step), peak_mem(step)))
 
 
 def kernel_profile(fn: Callable[[], object], iters: int = 5) -> list:
@@ -224,13 +228,8 @@ def kernel_profile(fn: Callable[[], object], iters: int = 5) -> list:
 
 
 def profiled(run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], pass_: str) -> list:
-    """kernel_profile of one pass, set up as measure() sets it up."""
-    if pass_ == "fwd":
-        with torch.no_grad():
-            return kernel_profile(run)
-    for t_ in leaves:
-        t_.requires_grad_(True)
-    return kernel_profile(fwd_bwd(run, leaves, torch.randn_like(run())))
+    """kernel_profile of one pass."""
+    return on_pass(run, leaves, pass_, kernel_profile)
 
 
 def machine_rates() -> dict:
