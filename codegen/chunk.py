@@ -267,7 +267,7 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
     kd = dl = qe = d
     if g.pre and g.NC_total * H > 0:
-        kd = torch.empty(g.NC_total * g.BT, H, K, dtype=_state_dtype(c.dtype), device=dev)
+        kd = torch.empty(g.NC_total, H, K, g.BT, dtype=_state_dtype(c.dtype), device=dev)
         qe = torch.empty_like(kd) if for_backward else d
         dl = torch.empty((g.NC_total, H, K) if c.decay == "key" else (g.NC_total, H), dtype=torch.float32,
                          device=dev)
