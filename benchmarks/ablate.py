@@ -1,0 +1,151 @@
+"""Where does one generated kernel's time go? Time it with parts of its math taken out, in one GPU call.
+
+    python -m benchmarks.ablate --out DIR [--mixer scalar_decay] [--kernel chunk_fwd_kernel] [--shape B,T,H,K,V]
+           [--config chunk,BV,num_warps,num_stages]
+    TRITON_INTERPRET=1 python -m benchmarks.ablate --smoke [--mixer gla_recurrent --kernel recurrent_fwd_kernel]
+
+Each variant renders the mixer's module (a case of benchmarks.compare), replaces lines of one kernel only, and
+times the forward's kernels (torch.profiler, device time per call).
+
+chunk_fwd_kernel. The profile at B = 1, T = 32768 (compare-20261122-145744) has scalar decay's per-chunk output
+kernel (the two-pass forward's chunk_fwd_kernel) at 465 us against linear attention's 291, with the same tiles,
+the same loads and one program per SM either way. What scalar decay adds per chunk is a chain: the decay's
+load and log-sigmoid, its cumulative sum over the chunk (a scan across warps), the [BT, BT] decay matrix's
+exps, q scaled by exp(B), and the fp32 diagonal:
+
+  baseline         the kernel as generated
+  no_cumsum        B = the per-token log decay instead of its cumulative sum (no scan)
+  no_decay_matrix  the attention block masked only, as linear attention's
+  no_qe_scale      q @ S not scaled by exp(B). Until 2026-11-22 the kernel scaled q (the [BT, BK] dot operand),
+                   and this variant took it from 470 to 315 us (ablate-20261122-162209); it now scales the
+                   [BT, BV] accumulator
+  no_diag          no fp32 diagonal (q . k of the fp32 features)
+  linear_like      all four: what is left differs from linear attention's kernel in the decay's load only
+
+recurrent_fwd_kernel (gla_recurrent). The recurrent path takes 3x FLA's fused_recurrent_gla at B = 16,
+T = 2048; each program's time per token is latency:
+
+  no_bonus_sum     the delayed state form's second reduction (q . k of the pending token) left out
+  current_first    the token absorbed before the read: o = q . (exp(fa) S + k v^T), one reduction
+  no_decay         no multiply of the state by the decay
+
+The variants compute wrong outputs on purpose; only their times mean something. Writes ablate-<stamp>.json with
+device, versions and date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+import torch
+
+CUMSUM = ("b_B = tl.cumsum(b_fa, 0)", "b_B = b_fa")
+DECAY_MATRIX = (" * tl.where(m_lo, tl.exp(tl.where(m_lo, b_B[:, None] - b_B[None, :], 0.)), 0.)",
+                " * tl.where(m_lo, 1.0, 0.)")
+QE_SCALE = ("b_eB[:, None] * ", "")
+DIAG = ("b_A += tl.where(m_eye, b_diag[:, None], 0.)", "b_A += tl.where(m_eye, 1.0, 0.)")
+# the recurrent forward of a per-key decay (gla): the delayed state form's read and its update
+READ = "b_o = scale * (_sum(b_fq[:, None] * b_S, axis=0) + _sum(b_fq * b_fk, axis=0) * b_fv)"
+ABSORB = "b_S += b_kp[:, None] * b_vp[None, :]\n        b_S = b_S * b_ea[:, None]\n"
+ABLATIONS = {
+    "chunk_fwd_kernel": {
+        "baseline": [],
+        "no_cumsum": [CUMSUM],
+        "no_decay_matrix": [DECAY_MATRIX],
+        "no_qe_scale": [QE_SCALE],
+        "no_diag": [DIAG],
+        "linear_like": [CUMSUM, DECAY_MATRIX, QE_SCALE, DIAG],
+    },
+    "recurrent_fwd_kernel": {
+        "baseline": [],
+        # no q . k reduction for the pending token (the delayed form's second sum)
+        "no_bonus_sum": [(READ, "b_o = scale * (_sum(b_fq[:, None] * b_S, axis=0) + b_fv)")],
+        # the token absorbed before the read, one reduction: o = q . (exp(fa) S + k v^T)
+        "current_first": [(ABSORB, "b_S = b_S * b_ea[:, None] + b_fk[:, None] * b_fv[None, :]\n"),
+                          (READ, "b_o = scale * _sum(b_fq[:, None] * b_S, axis=0)")],
+        "no_decay": [(" * b_ea[:, None]", "")],
+    },
+}
+
+
+def patch_kernel(source: str, kernel: str, edits: list[tuple[str, str]]) -> str:
+    """source with each (old, new) replaced inside `def kernel(` up to the next @triton.jit; every old must be
+    there (a template edit that moves a line fails here, not silently as an unchanged variant)."""
+    m = re.search(rf"^def {kernel}\(.*?(?=^@triton\.jit|\Z)", source, flags=re.S | re.M)
+    if m is None:
+        raise SystemExit(f"ablate: no kernel {kernel} in the rendered module")
+    body = m.group(0)
+    for old, new in edits:
+        if old not in body:
+            raise SystemExit(f"ablate: {old!r} is not in {kernel}")
+        body = body.replace(old, new)
+    return source[:m.start()] + body + source[m.end():]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--mixer", default="scalar_decay", help="a case of benchmarks.compare")
+    ap.add_argument("--kernel", default="chunk_fwd_kernel")
+    ap.add_argument("--shape", default="1,32768,16,128,128", help="B,T,H,K,V")
+    ap.add_argument("--variants", default=None, help="default: every variant of --kernel")
+    ap.add_argument("--config", default=None, help="chunk,BV,num_warps,num_stages: one config for both passes")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+
+    import mixforge as mf
+    from benchmarks.runinfo import header, stamped
+    from benchmarks.compare import CASES, bench, kernel_profile
+    from mixforge.codegen import ops as ops_mod
+    from mixforge.spec.testing import random_inputs
+
+    case = next(c for c in CASES if c.name == args.mixer)
+    variants = ABLATIONS[args.kernel]
+    config = None
+    if args.config:
+        from mixforge.codegen.config import KernelConfig
+        c, bv, w, st = (int(p) for p in args.config.split(","))
+        config = KernelConfig(chunk=c, sub_chunk=min(16, c // 2), BV=bv, num_warps=w, num_stages=st)
+    dev = "cpu" if args.smoke else "cuda"
+    B, T, H, K, V = (1, 40, 2, 16, 16) if args.smoke else (int(p) for p in args.shape.split(","))
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device=dev, seed=0)
+    info = {"mixer": args.mixer, "kernel": args.kernel, "config": args.config,
+            "shape": dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)), **header(gpu=not args.smoke)}
+    path = stamped(args.out, "ablate")
+    rows, base = [], None
+    real = ops_mod.render_module
+    for name in (args.variants.split(",") if args.variants else variants):
+        edits = variants[name]
+        ops_mod.render_module = lambda plan, edits=edits: patch_kernel(real(plan), args.kernel, edits)
+        try:
+            ops = mf.compile(case.mixer)
+        finally:
+            ops_mod.render_module = real
+        run = lambda ops=ops: getattr(ops, case.path)(config=config, **x)[0]  # noqa: E731
+        row = dict(variant=name)
+        t0 = time.time()
+        with torch.no_grad():
+            y = run().float()
+            row["compile_s"] = round(time.time() - t0, 2)
+            if not rows:
+                base = y
+            # the edit took: every variant but the baseline changes the output
+            row["rel_to_baseline"] = ((y - base).norm() / base.norm()).item()
+            if args.smoke:
+                row["ran"] = True
+            else:
+                row["fwd_ms"] = bench(run)
+                row["profile_us"] = kernel_profile(run)
+                row["kernel_us"] = sum(us for k, us, _ in row["profile_us"] if args.kernel in k)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile_us"}), flush=True)
+        path.write_text(json.dumps({**info, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

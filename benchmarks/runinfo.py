@@ -1,0 +1,23 @@
+"""What every benchmark result file starts with, and where it goes."""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import torch
+
+
+def header(gpu: bool) -> dict:
+    """torch and the date, plus the device and Triton when the run is on a GPU."""
+    info = {"torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if gpu:
+        import triton
+        info.update(device=torch.cuda.get_device_name(), triton=triton.__version__)
+    return info
+
+
+def stamped(out: str, prefix: str) -> Path:
+    """out/prefix-<local time>.json, out created if missing."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
