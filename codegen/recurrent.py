@@ -8,6 +8,9 @@ One program per (sequence x head, value block) keeps its [K, BV] slice of
 the state in registers (all of K, padded to a power of two; BV from the
 config). Sums over V that the backward needs (dfq, dfk, the decay and bonus
 gradients, dz0) are written per value block and added here: deterministic.
+A per-key decay's factors exp(fa) are computed before the walks, once per
+element (`decay_factors`), not inside them, where the map would run in the
+state's layout, repeated for every column a thread holds.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 
 from .config import KernelConfig, next_pow2
 from .core import CallContext, CoreForward, FeatureGrads
+from .epilogue import row_block
 
 #: the smallest tile: Triton's layouts want at least 16 elements along a dimension
 MIN_TILE = 16
@@ -33,6 +37,21 @@ def _launch(config: KernelConfig, device: torch.device) -> dict:
     return {} if device.type != "cuda" else {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def decay_factors(ctx: CallContext) -> Optional[torch.Tensor]:
+    """exp(fa) [B*T, H, K] fp32 of a per-key decay, for the walks (recurrent_decay_kernel); else None."""
+    sh = ctx.shapes
+    if ctx.plan.decay != "key":
+        return None
+    NT = sh.B * sh.T
+    ea = torch.empty(NT, sh.H, sh.K, dtype=torch.float32, device=ctx.device)
+    if NT:
+        BK = max(MIN_TILE, next_pow2(sh.K))
+        BT = row_block(BK, NT)
+        ctx.module.recurrent_decay_kernel[(-(-NT // BT), sh.H)](
+            *ctx.kernel_args(), ea, ctx.positions, NT, H=sh.H, K=sh.K, BT=BT, BK=BK)
+    return ea
+
+
 def forward(ctx: CallContext, config: KernelConfig) -> CoreForward:
     sh, plan = ctx.shapes, ctx.plan
     BK, BV, NV = tiles(sh.K, sh.V, config)
@@ -41,7 +60,7 @@ def forward(ctx: CallContext, config: KernelConfig) -> CoreForward:
     S_T = torch.empty(sh.N, sh.H, sh.K, sh.V, **f32) if ctx.output_final_state else None
     z_T = torch.empty(sh.N, sh.H, sh.K, **f32) if ctx.output_final_state and plan.normalize else None
     ctx.module.recurrent_fwd_kernel[(sh.N * sh.H, NV)](
-        *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_T, z_T, ctx.cu_seqlens, ctx.scale, sh.T,
+        *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_T, z_T, decay_factors(ctx), ctx.cu_seqlens, ctx.scale, sh.T,
         H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV,
         USE_S0=ctx.S0 is not None, STORE_ST=ctx.output_final_state, VARLEN=ctx.cu_seqlens is not None,
         **_launch(config, ctx.device))
@@ -74,7 +93,7 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     if dz_T is None and dS_T is not None and plan.normalize:
         dz_T = torch.zeros(N, H, K, **f32)
     ctx.module.recurrent_bwd_kernel[(N * H, NV)](
-        *ctx.kernel_args(), do, ctx.S0, ctx.z0, dS_T, dz_T, ctx.cu_seqlens,
+        *ctx.kernel_args(), do, ctx.S0, ctx.z0, dS_T, dz_T, decay_factors(ctx), ctx.cu_seqlens,
         dq, dlq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
         H=H, K=K, V=V, BK=BK, BV=BV,
         USE_S0=ctx.S0 is not None, USE_DST=dS_T is not None, VARLEN=ctx.cu_seqlens is not None,

@@ -96,7 +96,8 @@ def test_sources_and_module_file():
     assert "def recurrent_fwd_kernel(" in whole and "def chain_kernel(" in whole
     fwd = ops.source("recurrent_fwd")
     assert fwd.startswith("@triton.jit\ndef recurrent_fwd_kernel(") and fwd == ops.source("recurrent_fwd_kernel")
-    assert "logsigmoid" in fwd          # the map, printed into the kernel
+    # gla's decay map, printed into the kernel that evaluates it once per element; the walk reads its factors
+    assert "logsigmoid" in ops.source("recurrent_decay") and "logsigmoid" not in fwd and "b_ea" in fwd
     with pytest.raises(KeyError, match="kernels: .*recurrent_bwd"):
         ops.source("nope")
     root = os.environ["MIXFORGE_CACHE_DIR"]

@@ -306,3 +306,25 @@ def test_front_door_lookup_traces_under_torch_compile(tmp_path, monkeypatch):
         assert g(torch.ones(2, 40)).max() == 32
     torch._dynamo.reset()
     default_lookup().invalidate()
+
+
+def test_heuristic_recurrent_value_blocks_follow_sequence_heads():
+    """The recurrent walks take all of V in one program (the backward's per-block sums then need one buffer,
+    not one per block), narrowed towards 128 programs when there are few sequence-heads, never below 32."""
+    from mixforge.codegen.config import heuristic_config, KernelConfig
+
+    def bv(kernel, NH, K=128, V=128):
+        cfg = heuristic_config(kernel, K, V, "bf16", decay="key", NH=NH, T=2048)
+        assert isinstance(cfg, KernelConfig) and (cfg.num_warps, cfg.num_stages) == (4, 1)
+        return cfg.BV
+
+    assert [bv("recurrent_fwd", NH) for NH in (-1, 256, 128, 64, 16, 1)] == [128, 128, 128, 64, 32, 32]
+    assert bv("recurrent_bwd", 64) == 64
+    assert bv("recurrent_fwd", 256, K=128, V=96) == 128       # padded to a power of two: one block
+    # K > 128 keeps the narrow tiles (the state alone would fill a 4-warp program's registers)
+    assert heuristic_config("recurrent_fwd", 256, 256, "bf16", decay="key", NH=256).BV == 32
+    from mixforge.tuner.space import H100, Problem, build_space
+    for kernel in ("recurrent_fwd", "recurrent_bwd"):   # points of the tuner's space
+        cfg = heuristic_config(kernel, 128, 128, "bf16", decay="key", NH=256)
+        assert build_space(kernel, Problem(K=128, V=128, dtype="bf16", decay="key"), limits=H100,
+                           interpret=False).check(cfg, estimate=False) == []

@@ -1,0 +1,46 @@
+"""benchmarks/ablate.py and benchmarks/recurrent_bench.py on the CPU (--smoke): every variant the GPU runs
+renders, compiles and runs, and changes what it claims to change."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ sits at the repository root
+from benchmarks import ablate, recurrent_bench  # noqa: E402
+
+
+def _rows(tmp_path, prefix):
+    (path,) = tmp_path.glob(f"{prefix}-*.json")
+    doc = json.loads(path.read_text())
+    assert {"torch", "date", "rows", "shape"} <= set(doc)
+    return doc["rows"]
+
+
+@pytest.mark.parametrize("mixer,kernel", [("scalar_decay", "chunk_fwd_kernel"),
+                                          ("gla_recurrent", "recurrent_fwd_kernel")])
+def test_every_ablation_edits_the_kernel_it_names(tmp_path, mixer, kernel):
+    assert ablate.main(["--smoke", "--out", str(tmp_path), "--mixer", mixer, "--kernel", kernel]) == 0
+    rows = {r["variant"]: r["rel_to_baseline"] for r in _rows(tmp_path, "ablate")}
+    assert list(rows) == list(ablate.ABLATIONS[kernel])
+    for name, rel in rows.items():
+        if name == "baseline":
+            assert rel == 0.0
+        elif name == "current_first":    # a reordering of the same sums, not a removal
+            assert rel < 1e-5
+        else:                            # the edit took: the (deliberately wrong) output moved
+            assert rel > 1e-3, name
+
+
+def test_an_edit_that_no_longer_matches_fails_loudly():
+    src = "@triton.jit\ndef k(\n    x = 1\n@triton.jit\ndef other(\n    x = 1\n"
+    assert ablate.patch_kernel(src, "k", [("x = 1", "x = 2")]).count("x = 2") == 1   # k only, not other
+    with pytest.raises(SystemExit, match="is not in k"):
+        ablate.patch_kernel(src, "k", [("y = 1", "y = 2")])
+
+
+def test_recurrent_bench_configs_agree(tmp_path):
+    assert recurrent_bench.main(["--smoke", "--out", str(tmp_path), "--configs", "64,4,2", "32,2,1"]) == 0
+    rows = _rows(tmp_path, "recurrent_bench")
+    assert [r["config"] for r in rows] == ["16,4,2", "16,2,1"]     # the smoke shapes' tiles
+    assert all(r["rel_y"] < 1e-5 and r["rel_grads"] < 1e-5 for r in rows), rows
