@@ -6,7 +6,7 @@ For each mixer and shape (bf16, K = V = 128) it takes the config a user gets (`o
 nearest or heuristic) and times the core kernels (`run_forward`, `run_backward`, medians of do_bench):
 
 * forward: fused, two_pass with the states kernel's tiles as before (the main kernels' BV and launch, all of
-  K), and two_pass with `state_tiles`' split;
+  K), two_pass with `state_tiles`' split, and that with 4 warps (FORWARDS; --forwards picks some);
 * backward (its states and dstates kernels) with the old and the new tiles;
 
 and checks that every variant's outputs agree with the first one's. With --sweep-states, the states kernel
@@ -40,7 +40,12 @@ def old_tiles(cp):
     return Old()
 
 
-def run(name, B, T, H, K, V):
+#: forward variants: (label, strategy, old state tiles, config changes)
+FORWARDS = [("fused", "fused", False, {}), ("two_pass_old_tiles", "two_pass", True, {}),
+            ("two_pass", "two_pass", False, {}), ("two_pass_w4", "two_pass", False, dict(num_warps=4))]
+
+
+def run(name, B, T, H, K, V, forwards=None, backward=True):
     import mixforge as mf
     from mixforge.codegen import chunk as cp
     from mixforge.spec.shapes import resolve_call
@@ -55,15 +60,18 @@ def run(name, B, T, H, K, V):
                state_tiles=cp.state_tiles(K, V, B * H, cfg_f.BK, min(cfg_f.BV, V), cp.sm_count(call.device))[:2],
                fwd={}, bwd={}, diff={})
     ref = None
-    for label, strat, old in (("fused", "fused", False), ("two_pass_old_tiles", "two_pass", True),
-                              ("two_pass", "two_pass", False)):
-        c = dataclasses.replace(cfg_f, strategy=strat)
+    for label, strat, old, change in FORWARDS:
+        if forwards is not None and label not in forwards:
+            continue
+        c = dataclasses.replace(cfg_f, strategy=strat, **change)
         with old_tiles(cp) if old else contextlib.nullcontext():
             o = cp.run_forward(call, c)[0]
             sync()
             ref = o.clone() if ref is None else ref
             row["diff"][label] = rel(o, ref)
             row["fwd"][label] = bench(lambda: cp.run_forward(call, c))
+    if not backward:
+        return row
     do = torch.randn(B, T, H, V, device=call.device)
     gref = None
     for label, old in (("old_tiles", True), ("split", False)):
@@ -119,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
     ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small"), default=None,
                     help="time the states kernel alone per STATE_SWEEP (all) or SMALL_SWEEP (small)")
+    ap.add_argument("--forwards", default=None, help="labels of FORWARDS to time (default: all)")
+    ap.add_argument("--no-bwd", action="store_true", help="forward variants only")
     args = ap.parse_args(argv)
     import triton
 
@@ -136,7 +146,7 @@ def main(argv=None):
             t0 = time.time()
             try:
                 row = (sweep_states(name, B, T, H, K, V, args.sweep_states) if args.sweep_states
-                       else run(name, B, T, H, K, V))
+                       else run(name, B, T, H, K, V, args.forwards and args.forwards.split(","), not args.no_bwd))
             except Exception as e:   # one failing case must not lose the others
                 row = dict(mixer=name, B=B, T=T, H=H, error=f"{type(e).__name__}: {e}"[:1500])
             row["seconds"] = round(time.time() - t0, 1)
