@@ -1,7 +1,7 @@
 """Where does one generated kernel's time go? Time it with parts of its math taken out, in one GPU call.
 
     python -m benchmarks.ablate --out DIR [--mixer scalar_decay] [--kernel chunk_fwd_kernel] [--shape B,T,H,K,V]
-           [--config chunk,BV,num_warps,num_stages]
+           [--config chunk,BV,num_warps,num_stages[,f|t]]
     TRITON_INTERPRET=1 python -m benchmarks.ablate --smoke [--mixer gla_recurrent --kernel recurrent_fwd_kernel]
 
 Each variant renders the mixer's module (a case of benchmarks.compare), replaces lines of one kernel only, and
@@ -21,6 +21,7 @@ exps, q scaled by exp(B), and the fp32 diagonal:
                    [BT, BV] accumulator
   no_diag          no fp32 diagonal (q . k of the fp32 features)
   linear_like      all four: what is left differs from linear attention's kernel in the decay's load only
+  one_accumulator  not a cut: A @ v accumulated onto exp(B) * (q @ S) in one dot (same output)
 
 recurrent_fwd_kernel (gla_recurrent). The recurrent path takes 3x FLA's fused_recurrent_gla at B = 16,
 T = 2048; each program's time per token is latency:
@@ -49,6 +50,16 @@ DIAG = ("b_A += tl.where(m_eye, b_diag[:, None], 0.)", "b_A += tl.where(m_eye, 1
 # the recurrent forward of a per-key decay (gla): the delayed state form's read and its update
 READ = "b_o = scale * (_sum(b_fq[:, None] * b_S, axis=0) + _sum(b_fq * b_fk, axis=0) * b_fv)"
 ABSORB = "b_S += b_kp[:, None] * b_vp[None, :]\n        b_S = b_S * b_ea[:, None]\n"
+
+def _one_acc(S):
+    """(q @ S) scaled, then A @ v accumulated onto it in the same dot: one accumulator instead of two"""
+    two = (f"b_acc = tl.dot((b_A).to(DOT_DT), (b_vk).to(DOT_DT), input_precision=PREC) + b_eB[:, None] * "
+           f"tl.dot((b_q).to(DOT_DT), ({S}).to(DOT_DT), input_precision=PREC)")
+    one = (f"b_acc = tl.dot((b_A).to(DOT_DT), (b_vk).to(DOT_DT), acc=b_eB[:, None] * "
+           f"tl.dot((b_q).to(DOT_DT), ({S}).to(DOT_DT), input_precision=PREC), input_precision=PREC)")
+    return two, one
+
+
 ABLATIONS = {
     "chunk_fwd_kernel": {
         "baseline": [],
@@ -57,6 +68,7 @@ ABLATIONS = {
         "no_qe_scale": [QE_SCALE],
         "no_diag": [DIAG],
         "linear_like": [CUMSUM, DECAY_MATRIX, QE_SCALE, DIAG],
+        "one_accumulator": [_one_acc("b_Sb"), _one_acc("b_S")],
     },
     "recurrent_fwd_kernel": {
         "baseline": [],
@@ -91,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="chunk_fwd_kernel")
     ap.add_argument("--shape", default="1,32768,16,128,128", help="B,T,H,K,V")
     ap.add_argument("--variants", default=None, help="default: every variant of --kernel")
-    ap.add_argument("--config", default=None, help="chunk,BV,num_warps,num_stages: one config for both passes")
+    ap.add_argument("--config", default=None,
+                    help="chunk,BV,num_warps,num_stages[,f|t] (fused, the default, or two_pass): one config for both passes")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
 
@@ -105,9 +118,8 @@ def main(argv=None) -> int:
     variants = ABLATIONS[args.kernel]
     config = None
     if args.config:
-        from mixforge.codegen.config import KernelConfig
-        c, bv, w, st = (int(p) for p in args.config.split(","))
-        config = KernelConfig(chunk=c, sub_chunk=min(16, c // 2), BV=bv, num_warps=w, num_stages=st)
+        from benchmarks.chunk_bench import cfg_of
+        config = cfg_of(args.config)
     dev = "cpu" if args.smoke else "cuda"
     B, T, H, K, V = (1, 40, 2, 16, 16) if args.smoke else (int(p) for p in args.shape.split(","))
     dtype = torch.float32 if args.smoke else torch.bfloat16
