@@ -321,6 +321,7 @@ def test_heuristic_recurrent_value_blocks_follow_sequence_heads():
     assert [bv("recurrent_fwd", NH) for NH in (-1, 256, 128, 64, 16, 1)] == [128, 128, 128, 64, 32, 32]
     assert bv("recurrent_bwd", 64) == 64
     assert bv("recurrent_fwd", 256, K=128, V=96) == 128       # padded to a power of two: one block
+    assert bv("recurrent_bwd", 256, K=64, V=256) == 128       # never wider than the measured 128
     # K > 128 keeps the narrow tiles (the state alone would fill a 4-warp program's registers)
     assert heuristic_config("recurrent_fwd", 256, 256, "bf16", decay="key", NH=256).BV == 32
     from mixforge.tuner.space import H100, Problem, build_space
