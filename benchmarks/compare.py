@@ -254,7 +254,10 @@ def roofline_ms(mixer: Mixer, x: dict, rates: dict) -> float:
 
 def configs_used(case: Case, ops, x: dict) -> dict:
     """Per kernel of the case's path: the config its calls run with here and where it came from (user,
-    shipped, a nearest bucket of either, or the heuristic), so a row can be reproduced."""
+    shipped, a nearest bucket of either, or the heuristic), so a row can be reproduced. A tuned config also
+    brings what the tuner measured for it and at which shape (`tuned_ms`, `tuned_shape`): a row's own time
+    far from it is a finding (2026-11-22: linear attention's K = 64 forward, tuned at 0.190 ms, ran 0.440
+    in the compare)."""
     from mixforge.spec.shapes import resolve_call
     from mixforge.tuner.lookup import explain
 
@@ -262,8 +265,10 @@ def configs_used(case: Case, ops, x: dict) -> dict:
     out = {}
     for kernel in (f"{case.path}_fwd", f"{case.path}_bwd"):
         try:
-            source = explain(case.mixer, kernel, sh.B, sh.T, sh.H, sh.K, sh.V, sh.dtype).source
-            out[kernel] = dict(source=source, config=ops.config(kernel, sh).to_dict())
+            found = explain(case.mixer, kernel, sh.B, sh.T, sh.H, sh.K, sh.V, sh.dtype)
+            out[kernel] = dict(source=found.source, config=ops.config(kernel, sh).to_dict())
+            if found.entry and found.entry.get("time_ms") is not None:
+                out[kernel].update(tuned_ms=found.entry["time_ms"], tuned_shape=found.entry.get("shape"))
         except Exception as e:  # a record, never a reason to lose the row
             out[kernel] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
     return out

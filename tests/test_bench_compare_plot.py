@@ -120,10 +120,12 @@ def test_compare_rows_record_the_config_each_kernel_ran(tmp_path, monkeypatch):
     tuned = KernelConfig(**{**got["chunk_fwd"]["config"], "num_warps": 2})
     look = lk.default_lookup()
     look.user.put(look.key_for(case.mixer, ShapeKey("chunk_fwd", "fp32", 1, 32, 2, 16, 16)), tuned, 1.0,
-                  baseline_ms=2.0, mixer_name="gla", trials={"target": 1, "evaluated": 1})
+                  baseline_ms=2.0, mixer_name="gla", trials={"target": 1, "evaluated": 1}, shape=[1, 32, 2, 16, 16])
     look.invalidate()
     got = configs_used(case, ops, x)
-    assert got["chunk_fwd"] == dict(source="user", config=tuned.to_dict()), got
+    assert got["chunk_fwd"] == dict(source="user", config=tuned.to_dict(), tuned_ms=1.0,
+                                    tuned_shape=[1, 32, 2, 16, 16]), got
+    assert "tuned_ms" not in got["chunk_bwd"]
     assert got["chunk_bwd"]["source"] == "heuristic"
 
 
