@@ -205,7 +205,11 @@ def main(argv=None) -> int:
                      ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=128, V=128)),
                      ("fwd-varlen-strong", "chunk", dict(B=1, T=3000, H=4, K=128, V=96)),
                      ("fwd", "recurrent", dict(B=2, T=1024, H=8, K=64, V=64)),
-                     ("bwd", "recurrent", dict(B=1, T=512, H=2, K=64, V=64))]
+                     ("bwd", "recurrent", dict(B=1, T=512, H=2, K=64, V=64)),
+                     # 128 sequence-heads: the walks' heuristic takes all of V = 128 in one 4-warp program
+                     # there (codegen.config), against 32-wide blocks for the few sequence-heads above
+                     ("fwd", "recurrent", dict(B=16, T=256, H=8, K=128, V=128)),
+                     ("bwd", "recurrent", dict(B=16, T=64, H=8, K=128, V=128))]
             seen = set()
             for kind, path, shp in jobs:
                 shp = dict(shp, **ONE_VALUE_PER_HEAD.get(name, {}))
