@@ -151,8 +151,7 @@ def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, d
         # before the walk (recurrent_bench-20261122-164748): all of V (up to 128) in one program, 4 warps,
         # fwd 6.03 ms and fwd+bwd 43.5 ms at 1.74 GB peak. 64-wide blocks: 7.65 / 37.2 ms at 2.82 GB, over
         # fused_recurrent_gla's 2.3 GB, since the backward's sums over V take one fp32 [B*T, H, K] buffer per
-        # value block;
-        # 32 wide 7.24 / 33.1 at 4.97 GB; 8 warps 10.8 / 71.2
+        # value block; 32 wide 7.24 / 33.1 at 4.97 GB; 8 warps 10.8 / 71.2
         return KernelConfig(chunk=16, sub_chunk=8, BK=None, BV=max(16, min(Vp, 128)), num_warps=4, num_stages=1)
     chunk = 64 if Kp <= 128 else 32
     BV = min(Vp, 64 if Kp <= 128 else 32)
