@@ -93,6 +93,8 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     if dz_T is None and dS_T is not None and plan.normalize:
         dz_T = torch.zeros(N, H, K, **f32)
     ctx.module.recurrent_bwd_kernel[(N * H, NV)](
+        # the factors again rather than kept from the forward: one pass over a, instead of an fp32
+        # [B*T, H, K] tensor held between the passes
         *ctx.kernel_args(), do, ctx.S0, ctx.z0, dS_T, dz_T, decay_factors(ctx), ctx.cu_seqlens,
         dq, dlq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
         H=H, K=K, V=V, BK=BK, BV=BV,
