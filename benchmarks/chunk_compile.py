@@ -3,9 +3,12 @@
     python -m benchmarks.chunk_compile [--mixers gla,mamba2] [--configs 64,64,8,2 32,64,8,2] [--arch 90]
     python -m benchmarks.chunk_compile --mixers scalar_decay --kernels chunk_states_kernel,chunk_dstates_kernel \
         --configs 64,32,4,3 --state-tile 32 --pre        # a split walk as at B = 1 (state_tiles, SPLIT_LAUNCH)
+    python -m benchmarks.chunk_compile --mixers gla,rwkv6 --kernels chunk_bwd_kernel --K 256 --V 256 \
+        --configs 32,64,8,1 --key-blocks 0 128 64       # the backward in key blocks (config.BK)
 
 Uses Triton's own compiler and the ptxas bundled with it (no driver needed), so the resource report of
-every kernel a config launches can be read on a CPU machine before spending GPU time. Each config is
+every kernel a config launches can be read on a CPU machine before spending GPU time. Mixers: the compare's
+cases (gla, linear_attention, scalar_decay, mamba2) and every zoo mixer by its name. Each config is
 chunk,BV,num_warps,num_stages (sub_chunk is not used by the chunk kernels). Inputs are taken as bf16.
 
 Each line also counts, in the PTX, the 16-byte async copies (`cp.async.cg`: tile loads the software pipeliner
@@ -61,7 +64,7 @@ def signature(fn, plan, constexprs: dict, in_ty: str = "bf16", state_ty: str = "
             sig[name] = "fp32"
         elif name in INT_ARGS:
             sig[name] = "i32"
-        elif name in ("Sbuf_ptr", "dSbuf_ptr", "kd_ptr", "qe_ptr"):   # chunk_keys_kernel's tiles: the state dtype
+        elif name in ("Sbuf_ptr", "dSbuf_ptr", "kd_ptr", "qe_ptr", "kdbuf_ptr"):   # chunk_keys_kernel's tiles: the state dtype
             sig[name] = f"*{state_ty}"
         elif name in ("cu_ptr", "coff_ptr", "cseq_ptr"):
             sig[name] = "*i32"
@@ -129,7 +132,11 @@ def ptxas_report(ptx: str, arch: int) -> str:
 def main(argv=None):
     from benchmarks.compare import GLA_CORE, LINEAR, MAMBA2, SCALAR_DECAY
 
-    mixers = {"gla": GLA_CORE, "linear_attention": LINEAR, "scalar_decay": SCALAR_DECAY, "mamba2": MAMBA2}
+    import mixforge as mf
+
+    # the compare's cases by their names, then any zoo mixer
+    mixers = {**mf.zoo.ALL, "gla": GLA_CORE, "linear_attention": LINEAR, "scalar_decay": SCALAR_DECAY,
+              "mamba2": MAMBA2}
     ap = argparse.ArgumentParser()
     ap.add_argument("--mixers", default="gla")
     ap.add_argument("--configs", nargs="*", default=["64,64,8,2"])
@@ -141,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--state-tile", type=int, default=None,
                     help="the states kernels' BK = BV (a split walk's tiles; default: all of K, the config's BV)")
     ap.add_argument("--pre", action="store_true", help="the walks read the keys pass's buffers (PRE)")
+    ap.add_argument("--key-blocks", type=int, nargs="*", default=[0],
+                    help="chunk_bwd_kernel's key blocks to compile (config.BK; 0: all of K in one tile)")
     args = ap.parse_args(argv)
     for name in args.mixers.split(","):
         m = mixers[name]
@@ -153,13 +162,18 @@ def main(argv=None):
                           STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, DOT_DT=tl.bfloat16,
                           PREC="tf32", PRE=args.pre, QE=args.pre)
             for kern in args.kernels.split(","):
-                kconsts = dict(consts)
-                if args.state_tile and kern in ("chunk_states_kernel", "chunk_dstates_kernel"):
-                    kconsts.update(BK=args.state_tile, BV=args.state_tile)
-                r = compile_one(mod, plan, kern, kconsts, W, S, args.arch)
-                rep = ptxas_report(r["ptx"], args.arch)
-                print(f"{name:16s} {c:12s} {kern:22s} {r['seconds']:6.1f}s smem={r['shared']} "
-                      f"wgmma={r['wgmma']} mma={r['mma']} {r['loads']} | {rep}", flush=True)
+                for kb in (args.key_blocks if kern == "chunk_bwd_kernel" else [0]):
+                    kconsts = dict(consts)
+                    if args.state_tile and kern in ("chunk_states_kernel", "chunk_dstates_kernel"):
+                        kconsts.update(BK=args.state_tile, BV=args.state_tile)
+                    if kern == "chunk_bwd_kernel":
+                        kb = min(kb or consts["BK"], consts["BK"])
+                        kconsts.update(BK=kb, NK=-(-args.K // kb))
+                    r = compile_one(mod, plan, kern, kconsts, W, S, args.arch)
+                    rep = ptxas_report(r["ptx"], args.arch)
+                    label = f"{kern}/BK{kb}" if kern == "chunk_bwd_kernel" else kern
+                    print(f"{name:16s} {c:12s} {label:22s} {r['seconds']:6.1f}s smem={r['shared']} "
+                          f"wgmma={r['wgmma']} mma={r['mma']} {r['loads']} | {rep}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,16 @@ split the state by their own tiles (`state_tiles`), finer when there are few
 sequences and heads (B = 1, T = 32768 has 16 heads: 32 programs with the
 main kernels' tiles, on 132 SMs).
 
-Valid configs (`check_config`): chunk and BV powers of two; BK None (the main
-kernels keep all of K, padded to a power of two >= 16; the states kernels pick
-their own split) or a power of two: the states kernels' key tile; on the GPU
-chunk, BV, BK >= 16 (tl.dot's minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
+Key blocks: config.BK None keeps all of K (padded to a power of two >= 16) in
+one tile in every kernel, and lets the states kernels pick their own split. A
+power of two below that is the states kernels' key tile and the backward
+kernel's key block: it walks the NK = cdiv(K, BK) blocks one after the other
+(whole-K tiles spill there from K = 256), summing the attention block over
+them, and computes dv last from the decayed keys it kept in a buffer the size
+of k. The forward kernels keep all of K.
+
+Valid configs (`check_config`): chunk and BV powers of two; BK None or a power
+of two; on the GPU chunk, BV, BK >= 16 (tl.dot's minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
 dividing chunk, >= 16 on the GPU, so that stored configs stay readable).
 """
 from __future__ import annotations
@@ -176,7 +182,9 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclasses.dataclass
 class _Geom:
     BT: int
-    BK: int
+    BK: int                             # all of K, padded: the forward kernels' key tile
+    KB: int                             # the backward kernel's key block (config.BK), NK of them
+    NK: int
     BV: int
     NV: int
     SBK: int                            # the states kernels' tiles and launch (state_tiles)
@@ -202,6 +210,7 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     check_config(config, c.K, c.V, gpu=c.device.type == "cuda")
     BT = config.chunk
     BK = max(16, next_pow2(c.K))
+    KB = min(config.BK, BK) if config.BK is not None else BK
     BV = max(16, min(config.BV, next_pow2(c.V))) if c.device.type == "cuda" else min(config.BV, next_pow2(c.V))
     NV = -(-c.V // BV)
     shift = 0 if c.inclusive else 1   # exclusive mixers walk T + 1 positions (k, v, fa one token later)
@@ -217,7 +226,7 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     dot_dt, prec = _dot_types(c.dtype)
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
     s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
-    return _Geom(BT, BK, BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
+    return _Geom(BT, BK, KB, -(-c.K // KB), BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
                  config.num_warps, config.num_stages, s_warps, s_stages, walk_keys(c, split))
 
 
@@ -405,14 +414,16 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     dv2 = torch.empty(B, T, H, V, **f32) if two else d
     n_prog = g.NC_total * H
     dw = torch.empty(max(n_prog, 1), K, **f32) if c.bonus else d
+    # key blocks: each program keeps its chunk's decayed keys here for its last pass (dv), one block at a time
+    kdbuf = torch.empty(max(g.NC_total, 1), H, g.BT, K, dtype=sdt, device=dev) if g.NK > 1 else d
     if n_prog > 0:
         c.module.chunk_bwd_kernel[(n_prog,)](
             *c.map_args,
-            do, den, dden, Sbuf, zbuf, dSbuf, dzbuf,
+            do, den, dden, Sbuf, zbuf, dSbuf, dzbuf, kdbuf,
             dq, dk, dv, dfa, dk2, dv2, dw,
             *_seq_args(c, g),
             c.T, c.scale,
-            H=H, K=K, V=V, BT=g.BT, BK=g.BK, BV=g.BV, LOG2_BT=g.LOG2_BT,
+            H=H, K=K, V=V, BT=g.BT, BK=g.KB, NK=g.NK, BV=g.BV, LOG2_BT=g.LOG2_BT,
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
             **_launch_opts(g, _interpret(c)),
         )

@@ -16,8 +16,8 @@ from test_chunk_support import TOL, assert_close, features_of, rel, run_case
 STRATEGIES = ("fused", "two_pass")
 
 
-def cfg(strategy="fused", chunk=16, sub_chunk=8, BV=16):
-    return KernelConfig(chunk=chunk, sub_chunk=sub_chunk, BV=BV, strategy=strategy)
+def cfg(strategy="fused", chunk=16, sub_chunk=8, BV=16, BK=None):
+    return KernelConfig(chunk=chunk, sub_chunk=sub_chunk, BV=BV, strategy=strategy, BK=BK)
 
 
 # --------------------------------------------------------------------------- every zoo mixer
@@ -113,6 +113,45 @@ def test_no_initial_or_final_state(name):
 def test_long_sequence_many_chunks(strategy):
     assert_close(run_case(zoo.rwkv6, B=1, T=48, H=1, K=4, V=4, initial_state=True,
                           config=cfg(strategy, chunk=8, sub_chunk=4, BV=4)))
+
+
+# --------------------------------------------------------------------------- the backward in key blocks
+
+def _key_blocks_used(monkeypatch) -> list:
+    """The backward kernel's number of key blocks, for every call of the chunked path."""
+    from mixforge.codegen import chunk as chunk_path
+
+    seen, real = [], chunk_path._geometry
+    monkeypatch.setattr(chunk_path, "_geometry", lambda c, config: seen.append(real(c, config)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(set(zoo.ALL) - {"griffin", "rwkv4"}))
+def test_backward_key_blocks(name, monkeypatch):
+    """BK = 8 at K = 20: three key blocks, the last one masked; K != V, T not a multiple of the chunk, initial
+    and final state. Per-key, scalar and constant decays, exclusive with a bonus, normalize. (griffin's and
+    rwkv4's K is 1: nothing to split.)"""
+    seen = _key_blocks_used(monkeypatch)
+    assert_close(run_case(zoo.ALL[name], T=40, K=20, V=12, initial_state=True, config=cfg(BK=8)))
+    assert seen and all(g.NK == 3 for g in seen)
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "retnet", "metala"])
+def test_backward_key_blocks_strong_decay(name, monkeypatch):
+    seen = _key_blocks_used(monkeypatch)
+    assert_close(run_case(zoo.ALL[name], T=40, K=20, V=12, strength="strong", initial_state=True,
+                          config=cfg("two_pass", chunk=32, sub_chunk=16, BK=8)))
+    assert seen and all(g.NK == 3 for g in seen)
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "linear_attention"])
+def test_backward_key_blocks_varlen(name, monkeypatch):
+    """Packed sequences of lengths 0, 5, 0, 16, 19, 0 in two key blocks and two value blocks."""
+    seen = _key_blocks_used(monkeypatch)
+    cu = torch.tensor([0, 0, 5, 5, 21, 40, 40], dtype=torch.int32)
+    assert_close(run_case(zoo.ALL[name], B=1, T=40, K=16, V=12, cu_seqlens=cu, initial_state=True,
+                          config=cfg(BV=8, BK=8)))
+    assert seen and all(g.NK == 2 for g in seen)
 
 
 # --------------------------------------------------------------------------- the checks can fail
