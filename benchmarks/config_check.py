@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--mixer", default="mamba2")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--configs", nargs="+", default=["64,64,8,2", "32,128,8,2", "64,64,4,2"],
-                   help="chunk,BV,num_warps,num_stages")
+                   help="chunk,BV,num_warps,num_stages[,BK] (BK: the backward's key blocks; default all of K)")
     p.add_argument("--K", type=int, default=128)
     p.add_argument("--V", type=int, default=96, help="value dim (96: gpu_check's K != V backward check)")
     p.add_argument("--out", default=None)
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     ops = mf.compile(mixer)
     rows = []
     for c in a.configs:
-        chunk, BV, w, st = (int(v) for v in c.split(","))
-        cfg = KernelConfig(chunk=chunk, sub_chunk=16, BV=BV, num_warps=w, num_stages=st)
+        chunk, BV, w, st, *bk = (int(v) for v in c.split(","))
+        cfg = KernelConfig(chunk=chunk, sub_chunk=16, BV=BV, num_warps=w, num_stages=st, BK=bk[0] if bk else None)
         for decay, T in (("normal", 1024), ("strong", 777)):
             torch.manual_seed(0)
             try:

@@ -39,21 +39,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import mixforge as mf
-    from benchmarks.runinfo import header, stamped
+    from benchmarks.runinfo import header, stamped, timer
     from benchmarks.chunk_bench import rel
-    from benchmarks.compare import bench as gpu_bench
     from benchmarks.compare import GLA_CORE, kernel_profile, on_pass, peer_fused_recurrent_gla, peak_mem
     from mixforge.spec.reference import default_scale
     from mixforge.spec.testing import random_inputs
 
     dev = "cpu" if args.smoke else "cuda"
 
-    def bench(fn):
-        if not args.smoke:
-            return gpu_bench(fn)
-        t = time.time()
-        fn()
-        return (time.time() - t) * 1e3
+    bench = timer(args.smoke)
     B, T, H, K, V = (1, 20, 2, 16, 16) if args.smoke else (int(p) for p in args.shape.split(","))
     configs = [c.replace("128", "16").replace("64", "16").replace("32", "16") for c in args.configs] \
         if args.smoke else args.configs

@@ -21,3 +21,18 @@ def stamped(out: str, prefix: str) -> Path:
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     return d / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def timer(smoke: bool):
+    """A benchmark's timing function, fn -> ms: compare.bench's median on the GPU; with --smoke (the CPU
+    interpreter, tiny shapes) one wall-clock run, so that every step runs without pretending to time."""
+    if not smoke:
+        from benchmarks.compare import bench
+        return bench
+
+    def once(fn) -> float:
+        import time
+        t = time.time()
+        fn()
+        return (time.time() - t) * 1e3
+    return once

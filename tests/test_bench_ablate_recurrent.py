@@ -1,5 +1,5 @@
-"""benchmarks/ablate.py and benchmarks/recurrent_bench.py on the CPU (--smoke): every variant the GPU runs
-renders, compiles and runs, and changes what it claims to change."""
+"""benchmarks/ablate.py, recurrent_bench.py and keyblock_bench.py on the CPU (--smoke): every variant the GPU
+runs renders, compiles and runs, and changes what it claims to change (or, for configs, agrees)."""
 import json
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ sits at the repository root
-from benchmarks import ablate, recurrent_bench  # noqa: E402
+from benchmarks import ablate, keyblock_bench, recurrent_bench  # noqa: E402
 
 
 def _rows(tmp_path, prefix):
@@ -44,3 +44,14 @@ def test_recurrent_bench_configs_agree(tmp_path):
     rows = _rows(tmp_path, "recurrent_bench")
     assert [r["config"] for r in rows] == ["16,4,2", "16,2,1"]     # the smoke shapes' tiles
     assert all(r["rel_y"] < 1e-5 and r["rel_grads"] < 1e-5 for r in rows), rows
+
+
+@pytest.mark.parametrize("kernel", ["chunk_bwd", "chunk_fwd"])
+def test_keyblock_bench_configs_agree(tmp_path, kernel):
+    """All of K against key blocks (three at K = 40), the backward's or the forward's config pinned."""
+    assert keyblock_bench.main(["--smoke", "--out", str(tmp_path), "--cases", "gla,mamba2", "--kernel", kernel]) == 0
+    rows = _rows(tmp_path, "keyblock_bench")
+    assert [(r["case"], r["config"]) for r in rows] == [(c, k) for c in ("gla", "mamba2")
+                                                        for k in ("16,16,4,1,0", "16,16,4,1,16")]
+    assert all(r["rel_y"] < 1e-5 and max(r["rel_grads"].values()) < 1e-5 for r in rows), rows
+    assert all(f"{'fwd' if kernel == 'chunk_fwd' else 'fwd+bwd'}_ms" in r for r in rows)
