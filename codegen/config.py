@@ -134,16 +134,24 @@ def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, d
         # K > 128: the tuner's winners at B = 8, T = 4096, H = 16, K = V = 256 (10 trials each,
         # benchmarks/results/compare-tune-20261122-1500-h100-k256.log). Forward against the tiles below: linear
         # attention 1.69 -> 1.15 ms, scalar decay 3.17 -> 2.07, per-key decays 12.5 -> 4.5-5.2 (all of K in one
-        # tile leaves the fused walk's state and the per-key factors spilling: the two-pass forward splits them)
+        # tile leaves the fused walk's state and the per-key factors spilling: the two-pass forward splits them).
+        # Then key blocks (BK), keyblock_bench-20261122-183138/-183617/-184114 at the same shape: the states
+        # walks split into 64- or 128-key programs that read the keys pass's decayed keys, forward gla 5.28 ->
+        # 4.18 ms, rwkv6 4.61 -> 3.82, scalar decay 1.98 -> 1.72, mamba2 2.66 -> 1.69; and a per-key decay's
+        # backward kernel in 64-key blocks with 4 warps (no spills; 1496 bytes a thread with all of K), fwd+bwd
+        # gla 33.6 -> 24.7 ms, hgrn2 33.3 -> 24.7, rwkv6 33.1 -> 25.4. A decay per row gains nothing from the
+        # backward's key blocks (mamba2 12.5 against 12.3-14.4 ms, scalar decay 9.9 against 10.0-12.5)
         if kernel == "chunk_bwd":
+            if decay == "key":
+                return KernelConfig(chunk=32, sub_chunk=16, BK=64, BV=64, num_warps=4, num_stages=1)
             return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=64, num_warps=8,
                                 num_stages=2 if decay == "none" else 1)
         if decay == "none":
             return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=min(Vp, 128), num_warps=8, num_stages=1)
         if decay == "key":
-            return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=min(Vp, 128), num_warps=8, num_stages=2,
+            return KernelConfig(chunk=32, sub_chunk=16, BK=128, BV=min(Vp, 128), num_warps=8, num_stages=2,
                                 strategy="two_pass")
-        return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=64, num_warps=8, num_stages=2, strategy="two_pass")
+        return KernelConfig(chunk=64, sub_chunk=16, BK=128, BV=64, num_warps=8, num_stages=2, strategy="two_pass")
     if kernel in ("chunk_fwd", "chunk_bwd"):   # K > 128 in other dtypes, or the decay unknown: not measured
         return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=8, num_stages=2)
     if kernel in ("recurrent_fwd", "recurrent_bwd") and Kp <= 128:

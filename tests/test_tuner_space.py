@@ -1,4 +1,6 @@
 """The search space: constraints prune invalid configs, and pruned configs never reach the runner."""
+import dataclasses
+
 import optuna
 import pytest
 
@@ -91,7 +93,7 @@ def test_axes_follow_the_kernel_and_the_decay():
     rec = gpu_space("recurrent_fwd")
     assert set(rec.axes) == {"BV", "num_warps"}
     assert all(c.chunk == rec.fixed["chunk"] for c in rec.grid())
-    # the chunk kernels keep all of K: BK is pinned, never searched
+    # all of K in one tile up to K = 128: BK is pinned, never searched
     sp = gpu_space("chunk_fwd", MAMBA2)
     assert "BK" not in sp.axes and all(c.BK is None for c in sp.grid())
     assert set(sp.choices("strategy")) == {"fused", "two_pass"}
@@ -155,3 +157,21 @@ def test_gpu_defaults_above_k128_follow_the_measured_winners():
     assert heuristic_config("chunk_bwd", 256, 256, "bf16", decay="scalar").num_stages == 1
     assert heuristic_config("chunk_fwd", 256, 256, "fp32", decay="scalar").strategy == "fused"
     assert heuristic_config("chunk_fwd", 256, 256, "bf16", decay=None).strategy == "fused"   # decay unknown
+
+
+@pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_bwd"])
+@pytest.mark.parametrize("p", [Problem(K=256, V=256, dtype="bf16", decay="key"),
+                               Problem(K=256, V=256, dtype="bf16", decay="scalar")])
+def test_key_blocks_are_searched_past_k_128(kernel, p):
+    """K = 256: whole-K tiles spill in the backward, and the states walks need their keys split. The space
+    searches all of K, 128 and 64; the heuristic (key blocks of 128 in the forward, 64 in a per-key backward)
+    lies in it, and key blocks are estimated by their own size."""
+    sp = gpu_space(kernel, p)
+    assert set(sp.choices("BK")) == {None, 128, 64}
+    assert sp.contains(sp.heuristic())
+    assert sp.heuristic().BK == (64 if kernel == "chunk_bwd" and p.decay == "key" else
+                                 None if kernel == "chunk_bwd" else 128)
+    cfg = KernelConfig(chunk=32, sub_chunk=16, BV=64, num_warps=4, num_stages=1)
+    whole, blocks = (estimate_resources(kernel, dataclasses.replace(cfg, BK=bk), p) for bk in (None, 64))
+    assert (blocks.regs_per_thread < whole.regs_per_thread) == (kernel == "chunk_bwd")
+    assert any("tl.dot minimum" in r for r in sp.check(dataclasses.replace(cfg, BK=8)))

@@ -33,6 +33,9 @@ DEFAULT_KERNELS = CHUNK_KERNELS
 AXES = ("chunk", "sub_chunk", "BK", "BV", "num_warps", "num_stages", "strategy")
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+#: the largest (padded) K kept in one tile without a key-block axis: from K = 256 whole-K tiles spill in the
+#: backward (benchmarks/keyblock_bench.py)
+MAX_WHOLE_K = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,8 @@ def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
     """Shared memory and registers of the widest program a config launches, from templates/chunk*.jinja.
 
     Notation (the templates' constexprs): BT = chunk, BK = max(16, next_pow2(K))
-    (the chunk kernels keep all of K), BV = the value tile, W = num_warps (32
+    (the forward kernels keep all of K; the backward kernel's key block is
+    config.BK where set), BV = the value tile, W = num_warps (32
     threads each), S = num_stages, e = bytes of a dot operand (DOT_DT: the
     input dtype, fp32 for fp32 inputs), e_in = bytes of an input element.
     "key" = per-key decay. sub_chunk is not used by the chunk kernels.
@@ -160,6 +164,7 @@ def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
         dots = max(BT * BK + BK * BV, BT * BT + BT * BV, BK * BT + BT * BV, 2 * BT * BK)
         loads = BT * ((BK + BV) if key else (2 * BK + BV))
     else:
+        BK = min(cfg.BK, BK) if cfg.BK else BK     # the backward kernel walks key blocks of BK
         peak = BT * BK * (9 if key else 5) + 3 * BT * BT + 3 * BT * BV + 2 * BK * BV
         dots = max(BT * BV + BV * BK, BT * BT + BT * BK, BT * BK + BK * BV)
         loads = BT * (2 * BK + 2 * BV) + 2 * BK * BV
@@ -179,8 +184,9 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
 
     GPU: chunks 32-128 (16-row chunks waste the tensor cores), value tiles
     16-128, 2-8 warps, 1-3 pipeline stages, and for the forward both
-    strategies (the backward has one). BK is not searched: the chunk templates
-    keep all of K in one tile; sub_chunk is not used by them (pinned).
+    strategies (the backward has one). BK (key blocks) only where K > 128: all
+    of K, 128 or 64 (the forward kernels keep all of K, the states walks and
+    the backward kernel split it); sub_chunk is not used by the chunk kernels (pinned).
     Interpreter: small tiles and few values (only the mechanics run there;
     num_warps/num_stages are not even passed to its launches).
     """
@@ -197,6 +203,9 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
                 "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "strategy": ("fused", "two_pass")}
     if kernel == "chunk_bwd":   # the backward's kernels are the same for both strategies
         del axes["strategy"]
+    if not interpret and next_pow2(p.K) > MAX_WHOLE_K:
+        # key blocks: the states walks' key split (both kernels) and the backward kernel's key loop
+        axes["BK"] = (None, 128, 64)
     axes["BV"] = tuple(b for b in axes["BV"] if b <= Vp) or (min(axes["BV"]),)
     if not interpret:
         # value blocks below 64 only where V is that small: chunk_bwd with BV = 32 hit an illegal memory
@@ -247,9 +256,12 @@ class SearchSpace:
                            "(unrolled: compile time)")
             if cfg.chunk < L.min_dot or cfg.sub_chunk < L.min_dot:
                 why.append(f"chunk/sub_chunk below {L.min_dot} (tl.dot minimum)")
-            if cfg.BK is not None and cfg.BK < Kp:
-                why.append(f"BK={cfg.BK} < K padded={Kp}: the tuner leaves the states kernels' key split to "
-                           f"codegen.chunk.state_tiles (BK=None)")
+            if cfg.BK is not None and cfg.BK < Kp and Kp <= MAX_WHOLE_K:
+                why.append(f"BK={cfg.BK} < K padded={Kp}: key blocks only for K > {MAX_WHOLE_K}; below, all of K "
+                           f"fits one tile and the states kernels split the key by themselves "
+                           f"(codegen.chunk.state_tiles, BK=None)")
+            elif cfg.BK is not None and cfg.BK < L.min_dot:
+                why.append(f"BK={cfg.BK} < {L.min_dot} (tl.dot minimum)")
             if not why and _codegen_check is not None:
                 try:
                     _codegen_check(cfg, p.K, p.V, gpu=L.min_dot >= 16)
