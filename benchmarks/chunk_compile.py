@@ -29,7 +29,7 @@ from mixforge.codegen.plan import build_plan
 from mixforge.codegen.render import render_module
 
 FLOAT_ARGS = {"scale"}
-INT_ARGS = {"T", "NTOK", "NCH", "NVC"}
+INT_ARGS = {"T", "NTOK", "NCH", "NVC", "NTOKH"}
 
 
 def load_module(mixer):
@@ -162,16 +162,18 @@ def main(argv=None):
                           STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, DOT_DT=tl.bfloat16,
                           PREC="tf32", PRE=args.pre, QE=args.pre)
             for kern in args.kernels.split(","):
-                for kb in (args.key_blocks if kern == "chunk_bwd_kernel" else [0]):
+                for kb in (args.key_blocks if kern in ("chunk_bwd_kernel", "chunk_dv_kernel") else [0]):
                     kconsts = dict(consts)
                     if args.state_tile and kern in ("chunk_states_kernel", "chunk_dstates_kernel"):
                         kconsts.update(BK=args.state_tile, BV=args.state_tile)
-                    if kern == "chunk_bwd_kernel":
+                    if kern in ("chunk_bwd_kernel", "chunk_dv_kernel"):
                         kb = min(kb or consts["BK"], consts["BK"])
                         kconsts.update(BK=kb, NK=-(-args.K // kb))
+                        if kern == "chunk_dv_kernel" and kb == consts["BK"]:
+                            continue            # only launched for key blocks
                     r = compile_one(mod, plan, kern, kconsts, W, S, args.arch)
                     rep = ptxas_report(r["ptx"], args.arch)
-                    label = f"{kern}/BK{kb}" if kern == "chunk_bwd_kernel" else kern
+                    label = f"{kern}/BK{kb}" if kern in ("chunk_bwd_kernel", "chunk_dv_kernel") else kern
                     print(f"{name:16s} {c:12s} {label:22s} {r['seconds']:6.1f}s smem={r['shared']} "
                           f"wgmma={r['wgmma']} mma={r['mma']} {r['loads']} | {rep}", flush=True)
 

@@ -408,30 +408,47 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     dq = torch.empty(B, T, H, K, dtype=dq_dt, device=dev)
     dk = torch.empty(B, T, H, K, dtype=dk_dt, device=dev)
     dv = torch.empty(B, T, H, V, dtype=dv_dt, device=dev)
-    lshape = (B, T, H, K) if c.decay == "key" else (B, T, H)
+    # a decay per row in key blocks: each block's share of dfa, summed below
+    lshape = (B, T, H, K) if c.decay == "key" else (g.NK, B, T, H)
     dfa = torch.empty(lshape, **f32) if has_decay else d
     dk2 = torch.empty(B, T, H, K, **f32) if two else d
     dv2 = torch.empty(B, T, H, V, **f32) if two else d
     n_prog = g.NC_total * H
     dw = torch.empty(max(n_prog, 1), K, **f32) if c.bonus else d
-    # key blocks: each program keeps its chunk's decayed keys here for its last pass (dv), one block at a time
-    kdbuf = torch.empty(max(g.NC_total, 1), H, g.BT, K, dtype=sdt, device=dev) if g.NK > 1 else d
+    # key blocks: one program per (chunk, head, key block) leaves its decayed keys and attention block here,
+    # and chunk_dv_kernel computes dv from them (it needs the whole of A)
+    blocks = g.NK > 1
+    kdbuf = torch.empty(max(g.NC_total, 1), H, g.BT, K, dtype=sdt, device=dev) if blocks else d
+    Abuf = torch.empty(g.NK, max(g.NC_total, 1), H, g.BT, g.BT, **f32) if blocks else d
     if n_prog > 0:
-        c.module.chunk_bwd_kernel[(n_prog,)](
+        c.module.chunk_bwd_kernel[(n_prog, g.NK)](
             *c.map_args,
-            do, den, dden, Sbuf, zbuf, dSbuf, dzbuf, kdbuf,
+            do, den, dden, Sbuf, zbuf, dSbuf, dzbuf, kdbuf, Abuf,
             dq, dk, dv, dfa, dk2, dv2, dw,
             *_seq_args(c, g),
-            c.T, c.scale,
+            c.T, c.scale, g.NC_total, B * T * H,
             H=H, K=K, V=V, BT=g.BT, BK=g.KB, NK=g.NK, BV=g.BV, LOG2_BT=g.LOG2_BT,
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
             **_launch_opts(g, _interpret(c)),
         )
+        if blocks:
+            c.module.chunk_dv_kernel[(n_prog,)](
+                *c.map_args,
+                do, den, dSbuf, kdbuf, Abuf, dv, dv2,
+                *_seq_args(c, g),
+                c.T, c.scale, g.NC_total,
+                H=H, K=K, V=V, BT=g.BT, BK=g.KB, NK=g.NK, BV=g.BV,
+                VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec,
+                **_launch_opts(g, _interpret(c)),
+            )
+    del kdbuf, Abuf
     if two:
         dk = dk + dk2
         dv = dv + dv2
     dfa_out = None
     if has_decay:
+        if c.decay != "key":
+            dfa = dfa[0] if g.NK == 1 else dfa.sum(0)
         dfa_out = dfa.sum((0, 1)) if c.decay == "constant" else dfa
     dw_out = None
     if c.bonus:
