@@ -138,14 +138,18 @@ def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, d
         # Then key blocks (BK), keyblock_bench-20261122-183138/-183617/-184114 at the same shape: the states
         # walks split into 64- or 128-key programs that read the keys pass's decayed keys, forward gla 5.28 ->
         # 4.18 ms, rwkv6 4.61 -> 3.82, scalar decay 1.98 -> 1.72, mamba2 2.66 -> 1.69; and a per-key decay's
-        # backward kernel in 64-key blocks with 4 warps (no spills; 1496 bytes a thread with all of K), fwd+bwd
-        # gla 33.6 -> 24.7 ms, hgrn2 33.3 -> 24.7, rwkv6 33.1 -> 25.4. A decay per row gains nothing from the
-        # backward's key blocks (mamba2 12.5 against 12.3-14.4 ms, scalar decay 9.9 against 10.0-12.5)
+        # backward kernel in 64-key blocks with 4 warps (with all of K it spilled 1496 bytes a thread), fwd+bwd
+        # gla 33.6 -> 24.7 ms, hgrn2 33.3 -> 24.7, rwkv6 33.1 -> 25.4; then one program per key block and
+        # dv apart (keyblock_bench-20261122-190536, -191214): gla 32.4 -> 16.9 ms, hgrn2 32.0 -> 17.1, rwkv6
+        # 32.1 -> 19.5; a decay per row with 64-row chunks in 64-key blocks (unpipelined, as below K = 128),
+        # mamba2 11.3 -> 10.1, scalar decay 9.75 -> 8.80, and their peaks 5377 -> 4103 and 4385 -> 3111 MiB
+        # (the chunk states halve)
         if kernel == "chunk_bwd":
             if decay == "key":
                 return KernelConfig(chunk=32, sub_chunk=16, BK=64, BV=64, num_warps=4, num_stages=1)
-            return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=64, num_warps=8,
-                                num_stages=2 if decay == "none" else 1)
+            if decay in ("scalar", "constant"):
+                return KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=64, num_warps=8, num_stages=1)
+            return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=64, num_warps=8, num_stages=2)
         if decay == "none":
             return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=min(Vp, 128), num_warps=8, num_stages=1)
         if decay == "key":
