@@ -34,10 +34,11 @@ main kernels' tiles, on 132 SMs).
 Key blocks: config.BK None keeps all of K (padded to a power of two >= 16) in
 one tile in every kernel, and lets the states kernels pick their own split. A
 power of two below that is the states kernels' key tile and the backward
-kernel's key block: it walks the NK = cdiv(K, BK) blocks one after the other
-(whole-K tiles spill there from K = 256), summing the attention block over
-them, and computes dv last from the decayed keys it kept in a buffer the size
-of k. The forward kernels keep all of K.
+kernel's key block: one program per (chunk, head, key block) of the NK =
+cdiv(K, BK) computes dq, dk and the decay gradient of its keys (whole-K tiles
+spill there from K = 256) and leaves its share of the attention block and its
+decayed keys in HBM, from which chunk_dv_kernel computes dv. The forward
+kernels keep all of K.
 
 Valid configs (`check_config`): chunk and BV powers of two; BK None or a power
 of two; on the GPU chunk, BV, BK >= 16 (tl.dot's minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
