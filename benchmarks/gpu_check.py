@@ -9,7 +9,8 @@ Forward values are checked against the float64 recurrence at full size
 (B = 4, T = 4096, H = 16, K = V = 128; and K = V = 64, 256 at T = 2048).
 Gradients are checked against float64 autograd through the recurrence at a
 size where autograd's saved states fit (B = 1, T = 1024, H = 2), plus
-varlen with an empty sequence, strong decays and K != V. The relative error
+varlen with an empty sequence, strong decays, K != V, and K = V = 256 (key
+blocks in bf16). The relative error
 is ||out - ref|| / ||ref|| over all elements; NaN fails. Writes a JSON with
 device, versions, date and the worst error per dtype.
 """
@@ -203,6 +204,9 @@ def main(argv=None) -> int:
                      # only; their pipelined backward was miscompiled on the H100 (config_check-20261122)
                      ("bwd", "chunk", dict(B=1, T=1024, H=2, K=128, V=128)),
                      ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=128, V=128)),
+                     # K = V = 256: the bf16 heuristic's backward runs in key blocks there (one program per
+                     # block, then chunk_dv_kernel), fp32 and fp16 with all of K in one tile
+                     ("bwd-strong", "chunk", dict(B=1, T=300, H=2, K=256, V=256)),
                      ("fwd-varlen-strong", "chunk", dict(B=1, T=3000, H=4, K=128, V=96)),
                      ("fwd", "recurrent", dict(B=2, T=1024, H=8, K=64, V=64)),
                      ("bwd", "recurrent", dict(B=1, T=512, H=2, K=64, V=64)),
