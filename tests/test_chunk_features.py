@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mixforge.codegen.config import KernelConfig
 from mixforge.spec import zoo
@@ -152,6 +154,31 @@ def test_backward_key_blocks_varlen(name, monkeypatch):
     assert_close(run_case(zoo.ALL[name], B=1, T=40, K=16, V=12, cu_seqlens=cu, initial_state=True,
                           config=cfg(BV=8, BK=8)))
     assert seen and all(g.NK == 2 for g in seen)
+
+
+@settings(max_examples=max(4, settings().max_examples // 3), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_backward_key_blocks_random_shapes(data):
+    """Any zoo mixer with keys, K not a multiple of the key block, any V, T, chunk and value block, with or without
+    varlen, initial state and strong decays: the backward in key blocks against the float64 reference."""
+    name = data.draw(st.sampled_from(sorted(set(zoo.ALL) - {"griffin", "rwkv4", "mamba"})), label="mixer")
+    K, BK = data.draw(st.integers(9, 40), label="K"), data.draw(st.sampled_from([8, 16]), label="BK")
+    V, T = data.draw(st.integers(1, 20), label="V"), data.draw(st.integers(1, 50), label="T")
+    chunk, BV = data.draw(st.sampled_from([8, 16]), label="chunk"), data.draw(st.sampled_from([8, 16]), label="BV")
+    cu = None
+    if data.draw(st.booleans(), label="varlen"):
+        cuts = sorted(data.draw(st.lists(st.integers(0, T), max_size=3), label="cuts"))
+        cu = torch.tensor([0, *cuts, T], dtype=torch.int32)
+    errs = run_case(zoo.ALL[name], B=1 if cu is not None else 2, T=T, K=K, V=V, cu_seqlens=cu,
+                    seed=data.draw(st.integers(0, 2 ** 16), label="seed"),
+                    # strong decays where test_strong_decay holds them to the same tolerance
+                    strength=data.draw(st.sampled_from(["normal", "strong"] if name in STRONG else ["normal"]),
+                                       label="decay"),
+                    initial_state=data.draw(st.booleans(), label="initial state"),
+                    config=cfg(data.draw(st.sampled_from(STRATEGIES), label="strategy"), chunk=chunk,
+                               sub_chunk=8, BV=BV, BK=BK))
+    assert_close(errs)
 
 
 # --------------------------------------------------------------------------- the checks can fail
