@@ -36,7 +36,6 @@ device, versions and date.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import mixforge as mf
-    from benchmarks.runinfo import header, stamped
+    from benchmarks.runinfo import Results
     from benchmarks.compare import CASES, bench, kernel_profile
     from mixforge.codegen import ops as ops_mod
     from mixforge.spec.testing import random_inputs
@@ -124,10 +123,9 @@ def main(argv=None) -> int:
     B, T, H, K, V = (1, 40, 2, 16, 16) if args.smoke else (int(p) for p in args.shape.split(","))
     dtype = torch.float32 if args.smoke else torch.bfloat16
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device=dev, seed=0)
-    info = {"mixer": args.mixer, "kernel": args.kernel, "config": args.config,
-            "shape": dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)), **header(gpu=not args.smoke)}
-    path = stamped(args.out, "ablate")
-    rows, base = [], None
+    res = Results(args.out, "ablate", gpu=not args.smoke, mixer=args.mixer, kernel=args.kernel, config=args.config,
+                  shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
+    base = None
     real = ops_mod.render_module
     for name in (args.variants.split(",") if args.variants else variants):
         edits = variants[name]
@@ -142,7 +140,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             y = run().float()
             row["compile_s"] = round(time.time() - t0, 2)
-            if not rows:
+            if base is None:
                 base = y
             # the edit took: every variant but the baseline changes the output
             row["rel_to_baseline"] = ((y - base).norm() / base.norm()).item()
@@ -152,10 +150,8 @@ def main(argv=None) -> int:
                 row["fwd_ms"] = bench(run)
                 row["profile_us"] = kernel_profile(run)
                 row["kernel_us"] = sum(us for k, us, _ in row["profile_us"] if args.kernel in k)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "profile_us"}), flush=True)
-        path.write_text(json.dumps({**info, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+        res.add(row, hide=("profile_us",))
+    print(f"wrote {res.path}")
     return 0
 
 

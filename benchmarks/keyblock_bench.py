@@ -15,7 +15,6 @@ config's, and its kernels profiled. Writes keyblock_bench-<stamp>.json with devi
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -28,7 +27,7 @@ def cfg_of(s: str):
     from mixforge.codegen.config import KernelConfig
     chunk, bv, w, st, bk, *strategy = s.split(",")
     return KernelConfig(chunk=int(chunk), sub_chunk=16, BK=int(bk) or None, BV=int(bv), num_warps=int(w),
-                        num_stages=int(st), strategy={"t": "two_pass"}.get(strategy[0] if strategy else "f", "fused"))
+                        num_stages=int(st), strategy="two_pass" if strategy == ["t"] else "fused")
 
 
 def main(argv=None) -> int:
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
     import mixforge as mf
     from benchmarks.chunk_bench import rel
     from benchmarks.compare import CASES, kernel_profile, on_pass, peak_mem
-    from benchmarks.runinfo import header, stamped, timer
+    from benchmarks.runinfo import Results, timer
     from mixforge.spec.testing import random_inputs
 
     dev = "cpu" if args.smoke else "cuda"
@@ -59,12 +58,7 @@ def main(argv=None) -> int:
     configs = ["16,16,4,1,0", "16,16,4,1,16"] if args.smoke else args.configs
     dtype = torch.float32 if args.smoke else torch.bfloat16
     cases = {c.name: c for c in CASES}
-    info = {"shape": dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)), **header(gpu=not args.smoke)}
-    path = stamped(args.out, "keyblock_bench")
-    rows = []
-
-    def save():
-        path.write_text(json.dumps({**info, "rows": rows}, indent=1))
+    res = Results(args.out, "keyblock_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
 
     for name in args.cases.split(","):
         case = cases[name]
@@ -104,12 +98,9 @@ def main(argv=None) -> int:
             for t in leaves:
                 t.requires_grad_(False)
                 t.grad = None
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            save()
-    save()
-    print(f"wrote {path}")
-    bad = [r for r in rows if "error" in r or not max([r["rel_y"], *r["rel_grads"].values()]) < 2e-2]
+            res.add(row, hide=("profile",))
+    print(f"wrote {res.path}")
+    bad = [r for r in res.rows if "error" in r or not max([r["rel_y"], *r["rel_grads"].values()]) < 2e-2]
     return 1 if bad else 0
 
 

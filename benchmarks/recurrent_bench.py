@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import mixforge as mf
-    from benchmarks.runinfo import header, stamped, timer
+    from benchmarks.runinfo import Results, timer
     from benchmarks.chunk_bench import rel
     from benchmarks.compare import GLA_CORE, kernel_profile, on_pass, peer_fused_recurrent_gla, peak_mem
     from mixforge.spec.reference import default_scale
@@ -57,12 +57,8 @@ def main(argv=None) -> int:
         x[n] = (x[n].float() * 0.5).to(dtype)
     leaves = list(x.values())
     ops = mf.compile(GLA_CORE)
-    info = {"shape": dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)), **header(gpu=not args.smoke)}
-    path = stamped(args.out, "recurrent_bench")
-    rows = []
-
-    def save():
-        path.write_text(json.dumps({**info, "rows": rows}, indent=1))
+    res = Results(args.out, "recurrent_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
+    info = res.info
 
     def grads(run):
         for t in leaves:
@@ -98,9 +94,7 @@ def main(argv=None) -> int:
         for t in leaves:
             t.requires_grad_(False)
             t.grad = None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        save()
+        res.add(row)
 
     if not args.smoke:
         heur = lambda: ops.recurrent(**x)[0]  # noqa: E731
@@ -116,9 +110,9 @@ def main(argv=None) -> int:
         except Exception as e:
             info["peer_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(json.dumps({k: info.get(k) for k in ("peer", "peer_agree", "peer_error")}), flush=True)
-    save()
-    print(f"wrote {path}")
-    bad = [r for r in rows if "error" in r or not r["rel_y"] < 2e-2 or not r["rel_grads"] < 2e-2]
+    res.save()
+    print(f"wrote {res.path}")
+    bad = [r for r in res.rows if "error" in r or not r["rel_y"] < 2e-2 or not r["rel_grads"] < 2e-2]
     return 1 if bad else 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from pathlib import Path
 
 import torch
@@ -21,6 +22,25 @@ def stamped(out: str, prefix: str) -> Path:
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     return d / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+
+class Results:
+    """A benchmark's result file, out/prefix-<stamp>.json: the header (`header`) and `info`, then the rows. It is
+    rewritten after every row, so that a run cut short by its time limit keeps what it measured."""
+
+    def __init__(self, out: str, prefix: str, gpu: bool, **info):
+        self.path = stamped(out, prefix)
+        self.info = {**info, **header(gpu)}
+        self.rows: list[dict] = []
+
+    def add(self, row: dict, hide: tuple = ()) -> None:
+        """Keep `row`, print it (without the `hide` keys: long profiles) and rewrite the file."""
+        self.rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in hide}), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps({**self.info, "rows": self.rows}, indent=1))
 
 
 def timer(smoke: bool):
