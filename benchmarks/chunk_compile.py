@@ -5,6 +5,8 @@
         --configs 64,32,4,3 --state-tile 32 --pre        # a split walk as at B = 1 (state_tiles, SPLIT_LAUNCH)
     python -m benchmarks.chunk_compile --mixers gla,rwkv6 --kernels chunk_bwd_kernel --K 256 --V 256 \
         --configs 32,64,8,1 --key-blocks 0 128 64       # the backward in key blocks (config.BK)
+    python -m benchmarks.chunk_compile --mixers gla --kernels chunk_out_kernel --K 256 --V 256 \
+        --configs 32,128,4,2 --key-blocks 128 64        # the two-pass forward's outputs in key blocks
 
 Uses Triton's own compiler and the ptxas bundled with it (no driver needed), so the resource report of
 every kernel a config launches can be read on a CPU machine before spending GPU time. Mixers: the compare's
@@ -30,6 +32,8 @@ from mixforge.codegen.render import render_module
 
 FLOAT_ARGS = {"scale"}
 INT_ARGS = {"T", "NTOK", "NCH", "NVC", "NTOKH"}
+#: the kernels that take a key block (config.BK); --key-blocks lists the blocks to compile them for
+KEY_BLOCK_KERNELS = ("chunk_bwd_kernel", "chunk_dv_kernel", "chunk_out_kernel")
 
 
 def load_module(mixer):
@@ -149,7 +153,7 @@ def main(argv=None):
                     help="the states kernels' BK = BV (a split walk's tiles; default: all of K, the config's BV)")
     ap.add_argument("--pre", action="store_true", help="the walks read the keys pass's buffers (PRE)")
     ap.add_argument("--key-blocks", type=int, nargs="*", default=[0],
-                    help="chunk_bwd_kernel's key blocks to compile (config.BK; 0: all of K in one tile)")
+                    help="the key-block kernels' blocks to compile (config.BK; 0: all of K in one tile)")
     args = ap.parse_args(argv)
     for name in args.mixers.split(","):
         m = mixers[name]
@@ -162,18 +166,19 @@ def main(argv=None):
                           STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, DOT_DT=tl.bfloat16,
                           PREC="tf32", PRE=args.pre, QE=args.pre)
             for kern in args.kernels.split(","):
-                for kb in (args.key_blocks if kern in ("chunk_bwd_kernel", "chunk_dv_kernel") else [0]):
+                blocked = kern in KEY_BLOCK_KERNELS
+                for kb in (args.key_blocks if blocked else [0]):
                     kconsts = dict(consts)
                     if args.state_tile and kern in ("chunk_states_kernel", "chunk_dstates_kernel"):
                         kconsts.update(BK=args.state_tile, BV=args.state_tile)
-                    if kern in ("chunk_bwd_kernel", "chunk_dv_kernel"):
+                    if blocked:
                         kb = min(kb or consts["BK"], consts["BK"])
                         kconsts.update(BK=kb, NK=-(-args.K // kb))
-                        if kern == "chunk_dv_kernel" and kb == consts["BK"]:
+                        if kern in ("chunk_dv_kernel", "chunk_out_kernel") and kb == consts["BK"]:
                             continue            # only launched for key blocks
                     r = compile_one(mod, plan, kern, kconsts, W, S, args.arch)
                     rep = ptxas_report(r["ptx"], args.arch)
-                    label = f"{kern}/BK{kb}" if kern in ("chunk_bwd_kernel", "chunk_dv_kernel") else kern
+                    label = f"{kern}/BK{kb}" if blocked else kern
                     print(f"{name:16s} {c:12s} {label:22s} {r['seconds']:6.1f}s smem={r['shared']} "
                           f"wgmma={r['wgmma']} mma={r['mma']} {r['loads']} | {rep}", flush=True)
 

@@ -9,7 +9,7 @@ compare-20261122-170124): chunk_bwd_kernel held whole [chunk, 256] tiles and spi
 1496 bytes a thread, chunk_compile-20261122-k256.log). With key blocks (config.BK < K) it walks the keys a
 block at a time. A config is chunk,BV,num_warps,num_stages,BK[,t] (BK 0: all of K; t: two-pass forward); it
 is the backward's only (the forward keeps the heuristic's), or with --kernel chunk_fwd the forward's, timed
-alone (there BK splits the states walk; the forward kernels keep all of K). Every config is timed fwd+bwd (median), its gradients compared with the first
+alone (there BK splits the states walk and, two-pass, the output kernel: chunk_out_kernel). Every config is timed fwd+bwd (median), its gradients compared with the first
 config's, and its kernels profiled. Writes keyblock_bench-<stamp>.json with device, versions and date.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="*", default=CONFIGS)
     ap.add_argument("--kernel", default="chunk_bwd", choices=("chunk_bwd", "chunk_fwd"),
                     help="the kernel whose config is pinned; chunk_fwd times the forward alone (a config's BK "
-                         "then splits the two-pass forward's states walk: chunk,BV,w,s,BK,t)")
+                         "then splits the two-pass forward's states walk and outputs: chunk,BV,w,s,BK,t)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the interpreter: every step runs")
     ap.add_argument("--compile-only", action="store_true",
                     help="one fwd+bwd per config, untimed: run one process per case side by side first, and the "
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     bench = timer(args.smoke)
     B, T, H, K, V = (1, 40, 2, 40, 24) if args.smoke else (int(p) for p in args.shape.split(","))
-    configs = ["16,16,4,1,0", "16,16,4,1,16"] if args.smoke else args.configs
+    configs = ["16,16,4,1,0", "16,16,4,1,16", "16,16,4,1,16,t"] if args.smoke else args.configs
     dtype = torch.float32 if args.smoke else torch.bfloat16
     cases = {c.name: c for c in CASES}
     res = Results(args.out, "keyblock_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))

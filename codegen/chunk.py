@@ -37,8 +37,10 @@ power of two below that is the states kernels' key tile and the backward
 kernel's key block: one program per (chunk, head, key block) of the NK =
 cdiv(K, BK) computes dq, dk and the decay gradient of its keys (whole-K tiles
 spill there from K = 256) and leaves its share of the attention block and its
-decayed keys in HBM, from which chunk_dv_kernel computes dv. The forward
-kernels keep all of K.
+decayed keys in HBM, from which chunk_dv_kernel computes dv. The two-pass
+forward's outputs then come from chunk_out_kernel, one program per (V-block,
+chunk, head) summing the attention block and q @ S^(c) over the key blocks;
+the fused forward keeps all of K.
 
 Valid configs (`check_config`): chunk and BV powers of two; BK None or a power
 of two; on the GPU chunk, BV, BK >= 16 (tl.dot's minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
@@ -302,6 +304,15 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
 def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, zbuf, save_on: bool):
     d = _dummy(c)
     H, K, V, N = c.H, c.K, c.V, c.N
+    if not fused and g.NK > 1:
+        # two_pass in key blocks: one program per (V-block, chunk, head)
+        if g.NC_total * H > 0:
+            c.module.chunk_out_kernel[(g.NV, g.NC_total * H)](
+                *c.map_args, o, on, den, Sbuf, zbuf, *_seq_args(c, g), c.T, c.scale,
+                H=H, K=K, V=V, BT=g.BT, BK=g.KB, NK=g.NK, BV=g.BV, LOG2_BT=g.LOG2_BT,
+                VARLEN=c.cu_seqlens is not None, SAVE_ON=save_on, DOT_DT=g.dot_dt, PREC=g.prec,
+                **_launch_opts(g, _interpret(c)))
+        return
     # fused: one program per (V-block, sequence, head); two_pass: one per (chunk, head), all V-blocks
     grid = (g.NV, N * H) if fused else (1, g.NC_total * H)
     if grid[1] == 0:

@@ -128,13 +128,15 @@ def _key_blocks_used(monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", sorted(set(zoo.ALL) - {"griffin", "rwkv4"}))
-def test_backward_key_blocks(name, monkeypatch):
+def test_key_blocks(name, strategy, monkeypatch):
     """BK = 8 at K = 20: three key blocks, the last one masked; K != V, T not a multiple of the chunk, initial
-    and final state. Per-key, scalar and constant decays, exclusive with a bonus, normalize. (griffin's and
-    rwkv4's K is 1: nothing to split.)"""
+    and final state. Per-key, scalar and constant decays, exclusive with a bonus, normalize. The backward in
+    key blocks, and with two_pass the forward's outputs too (chunk_out_kernel). (griffin's and rwkv4's K is 1:
+    nothing to split.)"""
     seen = _key_blocks_used(monkeypatch)
-    assert_close(run_case(zoo.ALL[name], T=40, K=20, V=12, initial_state=True, config=cfg(BK=8)))
+    assert_close(run_case(zoo.ALL[name], T=40, K=20, V=12, initial_state=True, config=cfg(strategy, BK=8)))
     assert seen and all(g.NK == 3 for g in seen)
 
 

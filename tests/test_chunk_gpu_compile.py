@@ -1,5 +1,5 @@
 """Triton's real compiler, for an H100 (sm_90), on the CPU: the chunked backward's kernel with all of K in
-one tile and in key blocks, and the key blocks' dv kernel. The interpreter runs the kernels as Python, which accepts code that Triton's
+one tile and in key blocks, the key blocks' dv kernel and the two-pass forward's output kernel in key blocks. The interpreter runs the kernels as Python, which accepts code that Triton's
 code generator refuses: a loop index that is a constexpr in a static loop and a tensor in a later runtime
 loop compiled on the interpreter and failed on the H100 (2026-11-22). Triton's wheel brings its own ptxas,
 so this needs no GPU; it runs in a subprocess, because the test process has Triton in interpreter mode."""
@@ -18,12 +18,13 @@ def test_backward_kernel_compiles_for_sm90_with_and_without_key_blocks(tmp_path)
     (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     env.update(PYTHONPATH=str(tmp_path), PYTHONSAFEPATH="1", TRITON_DEFAULT_FP_FUSION="1")
     r = subprocess.run([sys.executable, "-m", "benchmarks.chunk_compile", "--mixers", ",".join(mixers),
-                        "--kernels", "chunk_bwd_kernel,chunk_dv_kernel", "--K", "256", "--V", "256", "--configs", "32,64,8,1",
+                        "--kernels", "chunk_bwd_kernel,chunk_dv_kernel,chunk_out_kernel", "--K", "256", "--V", "256", "--configs", "32,64,8,1",
                         "--key-blocks", "0", "64"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if "chunk_bwd_kernel/BK" in line]
     assert len(lines) == 2 * len(mixers), r.stdout
     assert sum("/BK64 " in line for line in lines) == len(mixers)
-    # the key blocks' dv kernel, only launched for them
-    assert sum("chunk_dv_kernel/BK64 " in line for line in r.stdout.splitlines()) == len(mixers)
+    # the key blocks' dv kernel and forward output kernel, only launched for them
+    for kernel in ("chunk_dv_kernel", "chunk_out_kernel"):
+        assert sum(f"{kernel}/BK64 " in line for line in r.stdout.splitlines()) == len(mixers), r.stdout
