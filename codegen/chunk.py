@@ -39,8 +39,8 @@ cdiv(K, BK) computes dq, dk and the decay gradient of its keys (whole-K tiles
 spill there from K = 256) and leaves its share of the attention block and its
 decayed keys in HBM, from which chunk_dv_kernel computes dv. The two-pass
 forward's outputs then come from chunk_out_kernel, one program per (V-block,
-chunk, head) summing the attention block and q @ S^(c) over the key blocks;
-the fused forward keeps all of K.
+chunk, head) summing the attention block and q @ S^(c) over the key blocks
+(not for per-key decays: `out_key_blocks`); the fused forward keeps all of K.
 
 Valid configs (`check_config`): chunk and BV powers of two; BK None or a power
 of two; on the GPU chunk, BV, BK >= 16 (tl.dot's minimum). `sub_chunk` is not used by these kernels (kept valid: a power of two
@@ -245,6 +245,17 @@ def walk_keys(c: ChunkCall, split: bool) -> bool:
     return split and c.decay != "none" and not c.normalize
 
 
+def out_key_blocks(c: ChunkCall, g: _Geom) -> bool:
+    """Whether the two-pass forward's outputs walk the keys in blocks (chunk_out_kernel): key blocks, and a
+    decay that is not per key. A per-key decay keeps its all-K output kernel, which was faster at every tile
+    (B = 8, T = 4096, H = 16, K = V = 256, keyblock_bench-20261122-201936): gla 2.61 ms against 3.09 at best
+    in 64-key blocks, 3.8-11 elsewhere. Its key loop holds the bisection levels, and Triton pipelined none of
+    its loads there (no cp.async in the PTX, chunk_compile). A decay per row, 64-row chunks in 64-key blocks
+    with 4 warps and 2 stages against the heuristic's 32-row all-K output: forward scalar decay 2.19 -> 1.60 ms,
+    mamba2 2.09 -> 1.47 (output kernel 1.06 -> 0.82 and 0.92 -> 0.74, the states walk 1.0 -> 0.6)."""
+    return g.NK > 1 and c.decay != "key"
+
+
 def _dummy(c: ChunkCall) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=c.device)
 
@@ -304,8 +315,8 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
 def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, zbuf, save_on: bool):
     d = _dummy(c)
     H, K, V, N = c.H, c.K, c.V, c.N
-    if not fused and g.NK > 1:
-        # two_pass in key blocks: one program per (V-block, chunk, head)
+    if not fused and out_key_blocks(c, g):
+        # one program per (V-block, chunk, head)
         if g.NC_total * H > 0:
             c.module.chunk_out_kernel[(g.NV, g.NC_total * H)](
                 *c.map_args, o, on, den, Sbuf, zbuf, *_seq_args(c, g), c.T, c.scale,
