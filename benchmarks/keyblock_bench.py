@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="chunk_bwd", choices=("chunk_bwd", "chunk_fwd"),
                     help="the kernel whose config is pinned; chunk_fwd times the forward alone (a config's BK "
                          "then splits the two-pass forward's states walk and outputs: chunk,BV,w,s,BK,t)")
+    ap.add_argument("--no-keys-pass", action="store_true",
+                    help="the split states walks compute their decayed keys at every step instead of reading the "
+                         "keys pass's (codegen.chunk.walk_keys off): what the keys pass is worth at this shape")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the interpreter: every step runs")
     ap.add_argument("--compile-only", action="store_true",
                     help="one fwd+bwd per config, untimed: run one process per case side by side first, and the "
@@ -52,6 +55,9 @@ def main(argv=None) -> int:
     from mixforge.spec.testing import random_inputs
 
     dev = "cpu" if args.smoke else "cuda"
+    if args.no_keys_pass:
+        from mixforge.codegen import chunk as chunk_path
+        chunk_path.walk_keys = lambda c, split: False
 
     bench = timer(args.smoke)
     B, T, H, K, V = (1, 40, 2, 40, 24) if args.smoke else (int(p) for p in args.shape.split(","))

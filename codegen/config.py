@@ -143,19 +143,24 @@ def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, d
         # dv apart (keyblock_bench-20261122-190536, -191214): gla 32.4 -> 16.9 ms, hgrn2 32.0 -> 17.1, rwkv6
         # 32.1 -> 19.5; a decay per row with 64-row chunks in 64-key blocks (unpipelined, as below K = 128),
         # mamba2 11.3 -> 10.1, scalar decay 9.75 -> 8.80, and their peaks 5377 -> 4103 and 4385 -> 3111 MiB
-        # (the chunk states halve)
+        # (the chunk states halve). Then the two-pass forward's outputs in key blocks for a decay per row
+        # (chunk_out_kernel; keyblock_bench-20261122-202516, -202602): 64-row chunks, 64-key blocks, 4 warps, 3
+        # stages, forward scalar decay 1.72 -> 1.52 ms, mamba2 1.69 -> 1.38; and its backward with 128-wide value
+        # blocks, backward kernel 3.99 -> 3.54 ms (scalar decay), 4.14 -> 3.65 (mamba2). 128-row chunks do not
+        # fit in shared memory
         if kernel == "chunk_bwd":
             if decay == "key":
                 return KernelConfig(chunk=32, sub_chunk=16, BK=64, BV=64, num_warps=4, num_stages=1)
             if decay in ("scalar", "constant"):
-                return KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=64, num_warps=8, num_stages=1)
+                return KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=min(Vp, 128), num_warps=8, num_stages=1)
             return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=64, num_warps=8, num_stages=2)
         if decay == "none":
             return KernelConfig(chunk=64, sub_chunk=16, BK=None, BV=min(Vp, 128), num_warps=8, num_stages=1)
         if decay == "key":
             return KernelConfig(chunk=32, sub_chunk=16, BK=128, BV=min(Vp, 128), num_warps=8, num_stages=2,
                                 strategy="two_pass")
-        return KernelConfig(chunk=64, sub_chunk=16, BK=128, BV=64, num_warps=8, num_stages=2, strategy="two_pass")
+        return KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=min(Vp, 128), num_warps=4, num_stages=3,
+                            strategy="two_pass")
     if kernel in ("chunk_fwd", "chunk_bwd"):   # K > 128 in other dtypes, or the decay unknown: not measured
         return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=max(16, min(Vp, 64)), num_warps=8, num_stages=2)
     if kernel in ("recurrent_fwd", "recurrent_bwd") and Kp <= 128:

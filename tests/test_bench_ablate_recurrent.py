@@ -48,10 +48,11 @@ def test_recurrent_bench_configs_agree(tmp_path):
 
 @pytest.mark.parametrize("kernel", ["chunk_bwd", "chunk_fwd"])
 def test_keyblock_bench_configs_agree(tmp_path, kernel):
-    """All of K against key blocks (three at K = 40), the backward's or the forward's config pinned."""
+    """All of K against key blocks (three at K = 40), the backward's or the forward's config pinned; and the
+    two-pass forward in key blocks (its output kernel for mamba2's decay per row)."""
     assert keyblock_bench.main(["--smoke", "--out", str(tmp_path), "--cases", "gla,mamba2", "--kernel", kernel]) == 0
     rows = _rows(tmp_path, "keyblock_bench")
     assert [(r["case"], r["config"]) for r in rows] == [(c, k) for c in ("gla", "mamba2")
-                                                        for k in ("16,16,4,1,0", "16,16,4,1,16")]
+                                                        for k in ("16,16,4,1,0", "16,16,4,1,16", "16,16,4,1,16,t")]
     assert all(r["rel_y"] < 1e-5 and max(r["rel_grads"].values()) < 1e-5 for r in rows), rows
     assert all(f"{'fwd' if kernel == 'chunk_fwd' else 'fwd+bwd'}_ms" in r for r in rows)

@@ -159,6 +159,8 @@ def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
     BT, S = cfg.chunk, cfg.num_stages
     key = p.decay == "key"
     if kernel == "chunk_fwd":
+        if cfg.BK and cfg.strategy == "two_pass" and not key:
+            BK = min(cfg.BK, BK)    # the output kernel walks key blocks of BK (chunk.out_key_blocks)
         vec = p.decay in ("scalar", "constant")
         peak = BK * BV + BT * BK * (4 if key else 2) + BT * BT * (2 if vec else 1) + 2 * BT * BV
         dots = max(BT * BK + BK * BV, BT * BT + BT * BV, BK * BT + BT * BV, 2 * BT * BK)
@@ -185,8 +187,8 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
     GPU: chunks 32-128 (16-row chunks waste the tensor cores), value tiles
     16-128, 2-8 warps, 1-3 pipeline stages, and for the forward both
     strategies (the backward has one). BK (key blocks) only where K > 128: all
-    of K, 128 or 64 (the forward kernels keep all of K, the states walks and
-    the backward kernel split it); sub_chunk is not used by the chunk kernels (pinned).
+    of K, 128 or 64 (the states walks, the backward kernel and, two-pass with
+    no per-key decay, the forward's output kernel split it); sub_chunk is not used by the chunk kernels (pinned).
     Interpreter: small tiles and few values (only the mechanics run there;
     num_warps/num_stages are not even passed to its launches).
     """
