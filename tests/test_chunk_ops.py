@@ -22,9 +22,13 @@ from mixforge.spec.testing import random_inputs
 from test_chunk_support import assert_close, rel
 
 
-def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, decay="normal", seed=0, BK=None):
+def check(mixer, strategy="fused", B=2, T=40, H=2, K=8, V=12, cu_seqlens=None, decay="normal", seed=0, BK=None,
+          groups=None):
+    """groups: {grouped input: its number of groups G} (default 1 for every grouped input)."""
     ops = mf.compile(mixer)
     x = random_inputs(mixer, B=B, T=T, H=H, K=K, V=V, seed=seed, decay=decay, requires_grad=True)
+    for n, G in (groups or {}).items():
+        x[n] = (0.5 * torch.randn(B, T, G, K, generator=torch.Generator().manual_seed(seed + G))).requires_grad_()
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     sh = resolve_call(mixer, x)          # K, V as the inputs define them (griffin, rwkv4: K = 1)
     K, V = sh.K, sh.V
@@ -76,6 +80,13 @@ def test_zoo_fused(name):
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "rwkv4", "metala", "cosformer"])
 def test_zoo_two_pass(name):
     check(zoo.ALL[name], "two_pass")
+
+
+@pytest.mark.parametrize("groups", [{"C": 1, "B": 1}, {"C": 2, "B": 2}, {"C": 1, "B": 4}])
+def test_grouped_inputs(groups):
+    """mamba2's C and B shared by the H / G heads of a group, H = 4: of one grouping, the chain kernel sums a
+    group's heads itself (4 or 2 heads a program); of two, per head, and the heads are summed after it."""
+    check(zoo.mamba2, H=4, groups=groups)
 
 
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2"])
