@@ -25,8 +25,6 @@ def raw_grads(ctx: CallContext, fg: FeatureGrads, dfg: Optional[torch.Tensor],
     sh, plan = ctx.shapes, ctx.plan
     NT = sh.B * sh.T
     BK, BV = max(MIN_TILE, next_pow2(sh.K)), max(MIN_TILE, next_pow2(sh.V))
-    BT = row_block(max(BK, BV), NT)
-    NB = -(-NT // BT)
     f32 = dict(dtype=torch.float32, device=ctx.device)
     writes = ctx.module.CHAIN_WRITES if NT > 0 else ()
     # a feature that is one input as-is hands its gradient over (already in the input's dtype from the
@@ -36,6 +34,11 @@ def raw_grads(ctx: CallContext, fg: FeatureGrads, dfg: Optional[torch.Tensor],
     # gradient; of several groupings, per head (R = 1), summed below
     groups = {sh.group(o.name) for o in plan.operands if o.is_input and o.grouped and o.name not in direct}
     R = sh.H // groups.pop() if len(groups) == 1 else 1
+    # a program walks R heads: R times fewer rows each (down to 16), so that programs stay as many and as
+    # short as with one head each where the rows allow (mamba2 at K = 64, one group of 16 heads: 512
+    # programs of 16 heads x 64 rows otherwise)
+    BT = max(16, row_block(max(BK, BV), NT) // R)
+    NB = -(-NT // BT)
     outs = {}
     for o in plan.operands:
         if o.name in direct:
