@@ -41,11 +41,13 @@ def mixers():
 
 
 def cfg_of(s: str):
+    """A config from chunk,BV,num_warps,num_stages[,BK][,t|f]: BK a key block (0: all of K), t two-pass,
+    f (the default) fused."""
     from mixforge.codegen.config import KernelConfig
-    p = s.split(",")
-    strategy = "two_pass" if len(p) > 4 and p[4] == "t" else "fused"
-    return KernelConfig(chunk=int(p[0]), sub_chunk=16, BV=int(p[1]), num_warps=int(p[2]), num_stages=int(p[3]),
-                        strategy=strategy)
+    chunk, bv, w, st, *rest = s.split(",")
+    bk = int(rest.pop(0)) if rest and rest[0].isdigit() else 0
+    return KernelConfig(chunk=int(chunk), sub_chunk=16, BK=bk or None, BV=int(bv), num_warps=int(w),
+                        num_stages=int(st), strategy="two_pass" if rest == ["t"] else "fused")
 
 
 def inputs(mixer, B, T, H, K, V, dtype, seed=0, decay="normal", requires_grad=False):

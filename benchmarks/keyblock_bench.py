@@ -23,13 +23,6 @@ CONFIGS = ["32,64,8,1,0", "32,64,8,1,128", "32,64,4,1,128", "64,64,8,1,128", "32
            "32,128,8,1,128", "32,64,8,2,128"]
 
 
-def cfg_of(s: str):
-    from mixforge.codegen.config import KernelConfig
-    chunk, bv, w, st, bk, *strategy = s.split(",")
-    return KernelConfig(chunk=int(chunk), sub_chunk=16, BK=int(bk) or None, BV=int(bv), num_warps=int(w),
-                        num_stages=int(st), strategy="two_pass" if strategy == ["t"] else "fused")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
@@ -49,7 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import mixforge as mf
-    from benchmarks.chunk_bench import rel
+    from benchmarks.chunk_bench import cfg_of, rel
     from benchmarks.compare import CASES, kernel_profile, on_pass, peak_mem
     from benchmarks.runinfo import Results, timer
     from mixforge.spec.testing import random_inputs

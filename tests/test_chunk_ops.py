@@ -118,6 +118,16 @@ def test_states_kernels_split_keys_and_values(name):
     check(zoo.ALL[name], "two_pass", K=40, V=36, BK=16)
 
 
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_key_block_outputs_with_a_bonus(inclusive):
+    """The two-pass forward's output kernel in key blocks (chunk_out_kernel) sums the bonus's s over its key
+    blocks. No zoo mixer reaches that: the bonus mixers' decays are per key (rwkv6, metala) or their K is 1
+    (rwkv4). A scalar decay with a bonus, exclusive and inclusive, three key blocks (the last masked)."""
+    m = Mixer("scalar_bonus", fq=zoo.q, fk=zoo.k, fv=zoo.v, fa=logsigmoid(Input("a", dim=None)), inclusive=inclusive,
+              bonus=Bonus(weight=Param("u"), term=s * value))
+    check(m, "two_pass", K=40, V=36, BK=16)
+
+
 @pytest.mark.parametrize("pre", [True, False])
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "retnet", "griffin"])
 def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):

@@ -105,8 +105,8 @@ def estimate_resources(kernel: str, cfg: KernelConfig, p: Problem) -> Resources:
     """Shared memory and registers of the widest program a config launches, from templates/chunk*.jinja.
 
     Notation (the templates' constexprs): BT = chunk, BK = max(16, next_pow2(K))
-    (the forward kernels keep all of K; the backward kernel's key block is
-    config.BK where set), BV = the value tile, W = num_warps (32
+    (the backward kernel's and, two-pass without a per-key decay, the forward
+    output kernel's key block is config.BK where set), BV = the value tile, W = num_warps (32
     threads each), S = num_stages, e = bytes of a dot operand (DOT_DT: the
     input dtype, fp32 for fp32 inputs), e_in = bytes of an input element.
     "key" = per-key decay. sub_chunk is not used by the chunk kernels.
@@ -206,7 +206,7 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
     if kernel == "chunk_bwd":   # the backward's kernels are the same for both strategies
         del axes["strategy"]
     if not interpret and next_pow2(p.K) > MAX_WHOLE_K:
-        # key blocks: the states walks' key split (both kernels) and the backward kernel's key loop
+        # key blocks: the states walks' key split, the backward kernel's and the two-pass output kernel's
         axes["BK"] = (None, 128, 64)
     axes["BV"] = tuple(b for b in axes["BV"] if b <= Vp) or (min(axes["BV"]),)
     if not interpret:
