@@ -429,8 +429,8 @@ def warm_one(case: Case, shapes, peers: bool, ours: bool = True) -> None:
         torch.cuda.synchronize()
 
 
-def tune_cases(cases, shapes, trials: int, time_limit) -> list[dict]:
-    """mf.tune for every case at every listed shape, fwd and bwd kernels of its path.
+def tune_cases(cases, shapes, trials: int, time_limit, passes=("fwd", "bwd")) -> list[dict]:
+    """mf.tune for every case at every listed shape, the kernels of its path for `passes` (fwd, bwd).
 
     Every shape, not one per K: a config tuned at B = 16, T = 2048 and looked up at B = 1, T = 32768 (the
     nearest bucket) took 0.91 ms for linear attention's forward against the heuristic's 0.61
@@ -452,7 +452,7 @@ def tune_cases(cases, shapes, trials: int, time_limit) -> list[dict]:
         t1 = time.time()
         try:
             report = mf.tune(case.mixer, (B, T, 16, K, V), "bf16", trials=trials, timeout=share,
-                             kernels=[f"{case.path}_fwd", f"{case.path}_bwd"])
+                             kernels=[f"{case.path}_{p}" for p in passes])
             rows = [dict(kernel=r.kernel, time_ms=r.time_ms, speedup=r.speedup, trials=r.trials_run,
                          cache_hit=r.cache_hit, config=r.config.to_dict() if r.config else None)
                     for r in report]
@@ -510,6 +510,9 @@ def main(argv=None) -> int:
                          "kernels without tuning again")
     ap.add_argument("--tune-only", action="store_true", help="tune (--tune-trials) and exit")
     ap.add_argument("--tune-time-limit", type=float, default=None, help="seconds for all the tuning")
+    ap.add_argument("--tune-passes", default="fwd,bwd",
+                    help="whose kernels to tune: fwd, bwd or both (an untuned one keeps its cached or heuristic "
+                         "config)")
     ap.add_argument("--warmup-only", action="store_true", help="run the warm-up (--warmup-jobs) and exit")
     ap.add_argument("--profile", action="store_true",
                     help="also record each row's kernels and their device time (torch.profiler), ours and the peer's")
@@ -525,7 +528,10 @@ def main(argv=None) -> int:
         return 0
     info = versions()
     if args.tune_trials > 0:
-        info["tuning"] = tune_cases(cases, shapes, args.tune_trials, args.tune_time_limit)
+        passes = tuple(p for p in args.tune_passes.split(",") if p)
+        if not passes or set(passes) - {"fwd", "bwd"}:
+            ap.error(f"--tune-passes: fwd, bwd or fwd,bwd, got {args.tune_passes!r}")
+        info["tuning"] = tune_cases(cases, shapes, args.tune_trials, args.tune_time_limit, passes)
         if args.tune_only:
             print(json.dumps(info["tuning"], indent=1))
             return 0

@@ -95,7 +95,33 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
         return config
     if kernel in ("recurrent_fwd", "recurrent_bwd"):
         return fit_value_blocks(config, NH, V)
+    config = fit_out_key_blocks(config, kernel, K, V, dtype, decay, NH, T)
     return fit_strategy(config, kernel, NH, T, V)
+
+
+#: The key block of fit_out_key_blocks (tuner.space.OUT_KEY_BLOCK searches the same)
+OUT_KEY_BLOCK = 64
+
+
+def fit_out_key_blocks(config: KernelConfig, kernel: str, K: int, V: int, dtype: str, decay: Optional[str],
+                       NH: int, T: int) -> KernelConfig:
+    """A decay per row at K <= 128 with few sequence-heads: the two-pass forward in 64-key blocks (its
+    states walk split into 64 x 64 programs that read the keys pass's decayed keys, its outputs in
+    chunk_out_kernel) where the fused forward would run at most FEW_PROGRAMS programs and those 64 x 64
+    walks still make FEW_PROGRAMS or more. B = 4, T = 8192, H = 16, K = V = 128 bf16 (NH = 64, the fused
+    forward's 128 programs; keyblock_bench-20261122-211844): scalar decay 0.79 ms fused, 0.68 two-pass with
+    all of K, 0.62 in key blocks; mamba2 1.14, 1.04 and 0.54. At NH = 16 (B = 1) the key blocks lost to all
+    of K (0.80 / 0.70 and 0.73 / 0.67: the 64-key walk splits into too few programs), at NH = 256 the fused
+    forward stays (scalar decay 0.47 against 0.57; mamba2 0.62 against 0.51, which the tuner finds). Not
+    measured between NH = 16 and 64."""
+    if (kernel != "chunk_fwd" or decay not in ("scalar", "constant") or dtype != "bf16" or config.BK is not None
+            or next_pow2(K) != 2 * OUT_KEY_BLOCK or V < 64 or V % 64 or NH <= 0 or T <= 0):
+        return config
+    walk_programs = NH * -(-K // OUT_KEY_BLOCK) * -(-V // 64)
+    if NH * -(-V // config.BV) > FEW_PROGRAMS or walk_programs < FEW_PROGRAMS or -(-T // config.chunk) <= SHORT_WALK:
+        return config
+    return KernelConfig(chunk=64, sub_chunk=16, BK=OUT_KEY_BLOCK, BV=min(next_pow2(V), 128), num_warps=4,
+                        num_stages=3, strategy="two_pass")
 
 
 def fit_value_blocks(config: KernelConfig, NH: int, V: int) -> KernelConfig:

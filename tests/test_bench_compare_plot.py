@@ -137,14 +137,17 @@ def test_tune_cases_share_the_time_limit(monkeypatch):
     seen = []
 
     def fake_tune(mixer, shape, dtype, trials, timeout, kernels):
-        seen.append((shape, timeout))
+        seen.append((shape, timeout, kernels))
         return []
     monkeypatch.setattr(compare.mf, "tune", fake_tune)
     cases = compare._cases({"gla", "mamba2"})
     shapes = [(16, 2048, 128, 128), (8, 4096, 64, 64)]
     done = compare.tune_cases(cases, shapes, trials=3, time_limit=100.0)
     assert len(seen) == len(done) == 4
-    shares = [t for _, t in seen]
+    shares = [t for _, t, _ in seen]
     assert 24.0 < shares[0] <= 25.0                      # 100 s over four items
     assert 32.0 < shares[1] <= 100 / 3 and 99.0 < shares[3] <= 100.0   # the fast items left their time over
     assert compare.tune_cases(cases, shapes, trials=3, time_limit=None) and seen[-1][1] is None
+    assert seen[-1][2] == ["chunk_fwd", "chunk_bwd"]
+    compare.tune_cases(cases, shapes, trials=3, time_limit=None, passes=("fwd",))   # --tune-passes fwd
+    assert seen[-1][2] == ["chunk_fwd"]

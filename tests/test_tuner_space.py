@@ -93,10 +93,11 @@ def test_axes_follow_the_kernel_and_the_decay():
     rec = gpu_space("recurrent_fwd")
     assert set(rec.axes) == {"BV", "num_warps"}
     assert all(c.chunk == rec.fixed["chunk"] for c in rec.grid())
-    # all of K in one tile up to K = 128: BK is pinned, never searched
-    sp = gpu_space("chunk_fwd", MAMBA2)
-    assert "BK" not in sp.axes and all(c.BK is None for c in sp.grid())
-    assert set(sp.choices("strategy")) == {"fused", "two_pass"}
+    # all of K in one tile up to K = 128 (but see the test below): BK is pinned, never searched
+    for kernel, p in (("chunk_fwd", GLA), ("chunk_bwd", GLA), ("chunk_bwd", MAMBA2)):
+        sp = gpu_space(kernel, p)
+        assert "BK" not in sp.axes and all(c.BK is None for c in sp.grid())
+    assert set(gpu_space("chunk_fwd", GLA).choices("strategy")) == {"fused", "two_pass"}
     # axes given by the caller: an unsearched sub_chunk is pinned to a divisor of every chunk
     sp = build_space("chunk_fwd", MAMBA2, limits=H100, interpret=False,
                      axes={"chunk": (32, 64), "BV": (32, 64), "num_warps": (4,)})
@@ -177,3 +178,25 @@ def test_key_blocks_are_searched_past_k_128(kernel, p):
         walks_blocks = kernel == "chunk_bwd" or (strategy == "two_pass" and p.decay != "key")
         assert (blocks.regs_per_thread < whole.regs_per_thread) == walks_blocks
     assert any("tl.dot minimum" in r for r in sp.check(dataclasses.replace(cfg, BK=8)))
+
+
+@pytest.mark.parametrize("decay", ["scalar", "none"])
+def test_the_two_pass_forward_may_take_key_blocks_at_k_128(decay):
+    """K = 128: a decay per row (or none) may walk its two-pass outputs and states in 64-key blocks; a fused
+    forward, the backward and a per-key decay keep all of K. The heuristic takes the key blocks for a decay
+    per row at B*H = 64 (B = 4, H = 16), where they were measured fastest, and the tuner's space holds it."""
+    p = Problem(K=128, V=128, dtype="bf16", decay=decay)
+    sp = gpu_space("chunk_fwd", p)
+    assert set(sp.choices("BK")) == {None, 64}
+    assert {c.strategy for c in sp.grid() if c.BK} == {"two_pass"}
+    two_pass = KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=128, num_warps=4, num_stages=3, strategy="two_pass")
+    assert sp.check(two_pass) == []
+    assert any("BK=64" in r for r in sp.check(dataclasses.replace(two_pass, strategy="fused")))
+    assert any("BK=32" in r for r in sp.check(dataclasses.replace(two_pass, BK=32)))
+    for kernel, other in (("chunk_bwd", p), ("chunk_fwd", GLA)):
+        assert any("BK=64" in r for r in gpu_space(kernel, other).check(two_pass))
+    few = sp.heuristic(NH=64, T=8192)
+    assert sp.contains(few)
+    assert (few == two_pass) == (decay == "scalar")
+    assert sp.heuristic(NH=256, T=2048).BK is None and sp.heuristic(NH=16, T=32768).BK is None
+    assert sp.heuristic(NH=64, T=512).BK is None      # 8 chunks: the fused walk is short

@@ -19,7 +19,7 @@ import itertools
 import json
 from typing import Any, Iterable, Optional
 
-from mixforge.codegen.config import KernelConfig, heuristic_config, next_pow2
+from mixforge.codegen.config import OUT_KEY_BLOCK, KernelConfig, heuristic_config, next_pow2
 
 try:  # the chunk path's own validation; the tuner may import codegen
     from mixforge.codegen.chunk import check_config as _codegen_check
@@ -36,6 +36,16 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: the largest (padded) K kept in one tile without a key-block axis: from K = 256 whole-K tiles spill in the
 #: backward (benchmarks/keyblock_bench.py)
 MAX_WHOLE_K = 128
+#: Up to MAX_WHOLE_K the kernels keep all of K in one tile, with one exception: the two-pass forward of a
+#: decay that is not per key may walk its outputs and its split states in 64-key blocks (chunk_out_kernel).
+#: At B = 4, T = 8192, H = 16, K = V = 128 that took mamba2's forward 1.14 -> 0.54 ms and a scalar decay's
+#: 0.79 -> 0.62 (keyblock_bench-20261122-211844); at B = 1 and B = 16 it lost for some mixers and won for
+#: others, so the tuner searches it.
+
+
+def out_key_blocks_below_whole_k(kernel: str, p: "Problem", Kp: int) -> bool:
+    """Whether a forward at K padded to Kp <= MAX_WHOLE_K may take OUT_KEY_BLOCK-key blocks (two-pass only)."""
+    return kernel == "chunk_fwd" and p.decay in ("none", "scalar", "constant") and OUT_KEY_BLOCK < Kp <= MAX_WHOLE_K
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +196,11 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
 
     GPU: chunks 32-128 (16-row chunks waste the tensor cores), value tiles
     16-128, 2-8 warps, 1-3 pipeline stages, and for the forward both
-    strategies (the backward has one). BK (key blocks) only where K > 128: all
+    strategies (the backward has one). BK (key blocks) where K > 128: all
     of K, 128 or 64 (the states walks, the backward kernel and, two-pass with
-    no per-key decay, the forward's output kernel split it); sub_chunk is not used by the chunk kernels (pinned).
+    no per-key decay, the forward's output kernel split it); at K <= 128 only
+    the two-pass forward without a per-key decay, all of K or 64
+    (out_key_blocks_below_whole_k); sub_chunk is not used by the chunk kernels (pinned).
     Interpreter: small tiles and few values (only the mechanics run there;
     num_warps/num_stages are not even passed to its launches).
     """
@@ -208,6 +220,8 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
     if not interpret and next_pow2(p.K) > MAX_WHOLE_K:
         # key blocks: the states walks' key split, the backward kernel's and the two-pass output kernel's
         axes["BK"] = (None, 128, 64)
+    elif not interpret and out_key_blocks_below_whole_k(kernel, p, next_pow2(p.K)):
+        axes["BK"] = (None, OUT_KEY_BLOCK)
     axes["BV"] = tuple(b for b in axes["BV"] if b <= Vp) or (min(axes["BV"]),)
     if not interpret:
         # value blocks below 64 only where V is that small: chunk_bwd with BV = 32 hit an illegal memory
@@ -258,8 +272,11 @@ class SearchSpace:
                            "(unrolled: compile time)")
             if cfg.chunk < L.min_dot or cfg.sub_chunk < L.min_dot:
                 why.append(f"chunk/sub_chunk below {L.min_dot} (tl.dot minimum)")
-            if cfg.BK is not None and cfg.BK < Kp and Kp <= MAX_WHOLE_K:
-                why.append(f"BK={cfg.BK} < K padded={Kp}: key blocks only for K > {MAX_WHOLE_K}; below, all of K "
+            if cfg.BK is not None and cfg.BK < Kp and Kp <= MAX_WHOLE_K and not (
+                    cfg.strategy == "two_pass" and cfg.BK >= OUT_KEY_BLOCK
+                    and out_key_blocks_below_whole_k(self.kernel, p, Kp)):
+                why.append(f"BK={cfg.BK} < K padded={Kp}: key blocks only for K > {MAX_WHOLE_K}, or of "
+                           f"{OUT_KEY_BLOCK} in a two-pass forward without a per-key decay; elsewhere all of K "
                            f"fits one tile and the states kernels split the key by themselves "
                            f"(codegen.chunk.state_tiles, BK=None)")
             elif cfg.BK is not None and cfg.BK < L.min_dot:
