@@ -183,8 +183,8 @@ def test_key_blocks_are_searched_past_k_128(kernel, p):
 @pytest.mark.parametrize("decay", ["scalar", "none"])
 def test_the_two_pass_forward_may_take_key_blocks_at_k_128(decay):
     """K = 128: a decay per row (or none) may walk its two-pass outputs and states in 64-key blocks; a fused
-    forward, the backward and a per-key decay keep all of K. The heuristic takes the key blocks for a decay
-    per row at B*H = 64 (B = 4, H = 16), where they were measured fastest, and the tuner's space holds it."""
+    forward, the backward and a per-key decay keep all of K. The heuristic takes the key blocks for a scalar
+    decay at B*H = 64 (B = 4, H = 16), where they were measured fastest, and the tuner's space holds it."""
     p = Problem(K=128, V=128, dtype="bf16", decay=decay)
     sp = gpu_space("chunk_fwd", p)
     assert set(sp.choices("BK")) == {None, 64}
@@ -200,3 +200,5 @@ def test_the_two_pass_forward_may_take_key_blocks_at_k_128(decay):
     assert (few == two_pass) == (decay == "scalar")
     assert sp.heuristic(NH=256, T=2048).BK is None and sp.heuristic(NH=16, T=32768).BK is None
     assert sp.heuristic(NH=64, T=512).BK is None      # 8 chunks: the fused walk is short
+    constant = gpu_space("chunk_fwd", Problem(K=128, V=128, dtype="bf16", decay="constant"))
+    assert constant.heuristic(NH=64, T=8192).BK is None and 64 in constant.choices("BK")
