@@ -72,7 +72,7 @@ def test_shared_memory_and_register_estimates_prune():
 
 def test_heuristic_default_is_in_the_gpu_space():
     for kernel in CHUNK_KERNELS:
-        for p in (GLA, MAMBA2):
+        for p in (GLA, MAMBA2, Problem(K=64, V=64, dtype="bf16", decay="key")):
             sp = gpu_space(kernel, p)
             assert sp.contains(sp.heuristic()), (kernel, p, sp.check(sp.heuristic()))
 
@@ -202,3 +202,13 @@ def test_the_two_pass_forward_may_take_key_blocks_at_k_128(decay):
     assert sp.heuristic(NH=64, T=512).BK is None      # 8 chunks: the fused walk is short
     constant = gpu_space("chunk_fwd", Problem(K=128, V=128, dtype="bf16", decay="constant"))
     assert constant.heuristic(NH=64, T=8192).BK is None and 64 in constant.choices("BK")
+
+
+def test_a_per_key_backward_at_k_64_takes_its_own_tiles():
+    """K = V = 64: the tuner's winner for gla, hgrn2 and rwkv6 (4 warps, 3 stages); K = 128 and the other
+    dtypes keep the per-key tiles measured there."""
+    k64 = gpu_space("chunk_bwd", Problem(K=64, V=64, dtype="bf16", decay="key")).heuristic()
+    assert (k64.chunk, k64.BV, k64.num_warps, k64.num_stages) == (32, 64, 4, 3)
+    for p in (GLA, Problem(K=64, V=64, dtype="fp32", decay="key")):
+        assert (gpu_space("chunk_bwd", p).heuristic().num_warps, gpu_space("chunk_bwd", p).heuristic().num_stages) \
+            == (8, 2)
