@@ -204,6 +204,9 @@ def main(argv=None) -> int:
                      # only; their pipelined backward was miscompiled on the H100 (config_check-20261122)
                      ("bwd", "chunk", dict(B=1, T=1024, H=2, K=128, V=128)),
                      ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=128, V=128)),
+                     # K = V = 64: a per-key decay's bf16 backward takes its own pipelined tiles there
+                     ("bwd", "chunk", dict(B=1, T=1024, H=2, K=64, V=64)),
+                     ("bwd-strong", "chunk", dict(B=1, T=777, H=2, K=64, V=64)),
                      # K = V = 256: the bf16 heuristic's backward runs in key blocks there (one program per
                      # block, then chunk_dv_kernel), fp32 and fp16 with all of K in one tile
                      ("bwd-strong", "chunk", dict(B=1, T=300, H=2, K=256, V=256)),
