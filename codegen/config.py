@@ -184,7 +184,11 @@ def _heuristic_tiles(kernel: str, K: int, V: int, dtype: str, interpret: bool, d
         # fit in shared memory
         if kernel == "chunk_bwd":
             if decay == "key":
-                return KernelConfig(chunk=32, sub_chunk=16, BK=64, BV=64, num_warps=4, num_stages=1)
+                # 128-key and 128-wide value blocks with 8 warps: gla's 8-trial tune (compare-tune-20261122-2054-
+                # h100-gla-k256.log), then the same tiles for all three against 64-key, 64-wide, 4-warp ones
+                # (keyblock_bench-20261122-221343): fwd+bwd gla 17.11 -> 16.69 ms, hgrn2 17.31 -> 17.19, rwkv6
+                # 19.66 -> 19.16, peaks 0-2.5% lower
+                return KernelConfig(chunk=32, sub_chunk=16, BK=128, BV=min(Vp, 128), num_warps=8, num_stages=1)
             if decay in ("scalar", "constant"):
                 return KernelConfig(chunk=64, sub_chunk=16, BK=64, BV=min(Vp, 128), num_warps=8, num_stages=1)
             return KernelConfig(chunk=32, sub_chunk=16, BK=None, BV=64, num_warps=8, num_stages=2)

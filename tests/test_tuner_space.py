@@ -165,13 +165,13 @@ def test_gpu_defaults_above_k128_follow_the_measured_winners():
                                Problem(K=256, V=256, dtype="bf16", decay="scalar")])
 def test_key_blocks_are_searched_past_k_128(kernel, p):
     """K = 256: whole-K tiles spill in the backward, and the states walks need their keys split. The space
-    searches all of K, 128 and 64; the heuristic (key blocks of 128 in a per-key decay's forward, 64 in the
-    backward and in a decay per row's forward) lies in it, and key blocks are estimated by their own size
+    searches all of K, 128 and 64; the heuristic (key blocks of 128 for a per-key decay, 64 for a decay per
+    row) lies in it, and key blocks are estimated by their own size
     where a kernel walks them: the backward, and the two-pass forward's output without a per-key decay."""
     sp = gpu_space(kernel, p)
     assert set(sp.choices("BK")) == {None, 128, 64}
     assert sp.contains(sp.heuristic())
-    assert sp.heuristic().BK == (128 if kernel == "chunk_fwd" and p.decay == "key" else 64)
+    assert sp.heuristic().BK == (128 if p.decay == "key" else 64)
     for strategy in ("fused", "two_pass"):
         cfg = KernelConfig(chunk=32, sub_chunk=16, BV=64, num_warps=4, num_stages=1, strategy=strategy)
         whole, blocks = (estimate_resources(kernel, dataclasses.replace(cfg, BK=bk), p) for bk in (None, 64))
