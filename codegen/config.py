@@ -105,7 +105,7 @@ OUT_KEY_BLOCK = 64
 
 def fit_out_key_blocks(config: KernelConfig, kernel: str, K: int, V: int, dtype: str, decay: Optional[str],
                        NH: int, T: int) -> KernelConfig:
-    """A decay per row at K <= 128 with few sequence-heads: the two-pass forward in 64-key blocks (its
+    """A scalar decay at K <= 128 with few sequence-heads: the two-pass forward in 64-key blocks (its
     states walk split into 64 x 64 programs that read the keys pass's decayed keys, its outputs in
     chunk_out_kernel) where the fused forward would run at most FEW_PROGRAMS programs and those 64 x 64
     walks still make FEW_PROGRAMS or more. B = 4, T = 8192, H = 16, K = V = 128 bf16 (NH = 64, the fused

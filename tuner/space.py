@@ -36,15 +36,16 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: the largest (padded) K kept in one tile without a key-block axis: from K = 256 whole-K tiles spill in the
 #: backward (benchmarks/keyblock_bench.py)
 MAX_WHOLE_K = 128
-#: Up to MAX_WHOLE_K the kernels keep all of K in one tile, with one exception: the two-pass forward of a
-#: decay that is not per key may walk its outputs and its split states in 64-key blocks (chunk_out_kernel).
-#: At B = 4, T = 8192, H = 16, K = V = 128 that took mamba2's forward 1.14 -> 0.54 ms and a scalar decay's
-#: 0.79 -> 0.62 (keyblock_bench-20261122-211844); at B = 1 and B = 16 it lost for some mixers and won for
-#: others, so the tuner searches it.
 
 
 def out_key_blocks_below_whole_k(kernel: str, p: "Problem", Kp: int) -> bool:
-    """Whether a forward at K padded to Kp <= MAX_WHOLE_K may take OUT_KEY_BLOCK-key blocks (two-pass only)."""
+    """Whether a forward at K padded to Kp <= MAX_WHOLE_K may take OUT_KEY_BLOCK-key blocks (two-pass only).
+
+    Up to MAX_WHOLE_K the kernels keep all of K in one tile, with this one exception: the two-pass forward of
+    a decay that is not per key may walk its outputs and its split states in 64-key blocks (chunk_out_kernel).
+    At B = 4, T = 8192, H = 16, K = V = 128 that took mamba2's forward 1.14 -> 0.54 ms and a scalar decay's
+    0.79 -> 0.62 (keyblock_bench-20261122-211844); at B = 1 and B = 16 it lost for some mixers and won for
+    others, so the tuner searches it."""
     return kernel == "chunk_fwd" and p.decay in ("none", "scalar", "constant") and OUT_KEY_BLOCK < Kp <= MAX_WHOLE_K
 
 
