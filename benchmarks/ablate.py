@@ -31,12 +31,12 @@ T = 2048; each program's time per token is latency:
   no_decay         no multiply of the state by the decay
 
 chunk_states_kernel (mamba2). Its walk took 737 us at B = 4, T = 8192 against the scalar decay's 376 with the same
-tiles; its PTX has nine synchronous loads of dt (2-byte values a row apart, which cp.async cannot take) where the
-scalar decay's has one of its input. The walk computes its maps only without the keys pass, so for this kernel
-the keys pass is off (codegen.chunk.walk_keys), and the default config is the two-pass forward with all of K:
+tiles: each step waited on its dt loads (2-byte values a row apart, which cp.async cannot take). The templates
+now load the k side's per-row scalar inputs one chunk ahead (emit.load_ahead). The walk computes its maps only
+without the keys pass, so for this kernel the keys pass is off (codegen.chunk.walk_keys), and the default config
+is the two-pass forward with all of K:
 
-  dt_vector        dt loaded as a [BT] vector, broadcast after softplus (same output)
-  dt_prefetch      the next chunk's dt loaded at the end of each step, carried into the next (same output)
+  dt_in_step       dt loaded in the step that uses it, as before (same output)
 
 The variants compute wrong outputs on purpose, except where they say "same output"; only their times mean
 something. Writes ablate-<stamp>.json with device, versions and date.
@@ -58,21 +58,14 @@ DIAG = ("b_A += tl.where(m_eye, b_diag[:, None], 0.)", "b_A += tl.where(m_eye, 1
 READ = "b_o = scale * (_sum(b_fq[:, None] * b_S, axis=0) + _sum(b_fq * b_fk, axis=0) * b_fv)"
 ABSORB = "b_S += b_kp[:, None] * b_vp[None, :]\n        b_S = b_S * b_ea[:, None]\n"
 
-# mamba2's states walk (the generated names of its k-side maps)
-DT_LOAD = "            r26_dt = tl.load(x_dt + r26_row * H + i_h, mask=m_t[:, None], other=0.0).to(tl.float32)\n"
-DT_SOFTPLUS = ("            _e27_0 = _softplus(r26_dt + r_dt_bias)\n",
-               "            _e27_v = _softplus(r26_dtv + r_dt_bias)\n            _e27_0 = _e27_v[:, None]\n")
-DT_FA = ("            b_fa = _sum(tl.where(m_t[:, None], -_e27_0 * tl.exp(r_A_log), 0.0), axis=1)\n",
-         "            b_fa = tl.where(m_t, -_e27_v * tl.exp(r_A_log), 0.0)\n")
-WALK_LOOP = "    for i_c in range(0, n_chunks):\n"
-DT_FIRST = ("    if not PRE:\n        r_dt_next = tl.load(x_dt + (bos + o_t).to(tl.int64) * H + i_h, mask=o_t < T_n, "
-            "other=0.0).to(tl.float32)\n")
-DT_NEXT = ("            r26_dtv = r_dt_next\n            r_dt_next = tl.load(x_dt + (rows + BT).to(tl.int64) * H + i_h, "
-           "mask=pos + BT < T_n, other=0.0).to(tl.float32)\n")
+# mamba2's states walk: its dt loaded in the step that uses it, as before the templates loaded it a chunk ahead
+DT_IN_STEP = ("_softplus(ahead_dt + r_dt_bias)",
+              "_softplus(tl.load(x_dt + rows.to(tl.int64)[:, None] * H + i_h, mask=m_t[:, None], other=0.0)"
+              ".to(tl.float32) + r_dt_bias)")
 #: the config each kernel is timed with when --config is not given (None: the ops' own lookup)
 DEFAULT_CONFIG = {"chunk_states_kernel": ("64,64,4,2,t", "16,16,4,1,t")}   # (GPU, --smoke)
 #: variants that reorder or move work without changing the output
-SAME_OUTPUT = ("current_first", "one_accumulator", "dt_vector", "dt_prefetch")
+SAME_OUTPUT = ("current_first", "one_accumulator", "dt_in_step")
 
 
 def _one_acc(S):
@@ -105,9 +98,7 @@ ABLATIONS = {
     },
     "chunk_states_kernel": {
         "baseline": [],
-        "dt_vector": [(DT_LOAD, "            r26_dtv = tl.load(x_dt + rows.to(tl.int64) * H + i_h, mask=m_t, "
-                                "other=0.0).to(tl.float32)\n"), DT_SOFTPLUS, DT_FA],
-        "dt_prefetch": [(WALK_LOOP, DT_FIRST + WALK_LOOP), (DT_LOAD, DT_NEXT), DT_SOFTPLUS, DT_FA],
+        "dt_in_step": [DT_IN_STEP],
     },
 }
 

@@ -125,10 +125,11 @@ class Emitter:
         n, off, m = ("K", "o_k", "m_k") if o.layout == "key" else ("V", "o_v", "m_v")
         return f"tl.load({o.pointer} + i_h * {n} + {off}, mask={m}, other=0.0).to(tl.float32)"
 
-    def load_rows(self, rows: str, mask, which=None, only=None) -> str:
+    def load_rows(self, rows: str, mask, which=None, only=None, ahead=None) -> str:
         """Per-token inputs feeding `which`: one token (mask None, `rows` a scalar) or a block of rows.
 
         `only` (operand names) restricts the loads further: the chain kernel loads what its partials use.
+        `ahead` (a name prefix): the per-row scalar inputs were loaded before, by load_ahead with that prefix.
         """
         which = self.maps(which)
         n = self._n()
@@ -140,12 +141,23 @@ class Emitter:
             row, lines = f"r{n}_row", [f"r{n}_row = ({rows}).to(tl.int64)[:, None]"]
         for o in self.plan.used_by(which):
             if o.is_input and (only is None or o.name in only):
+                if ahead and o.layout == "scalar":
+                    self._tiles[o.name] = f"{ahead}{o.name}"
+                    continue
                 self._tiles[o.name] = f"r{n}_{o.name}"
                 lines.append(f"r{n}_{o.name} = {self._row_load(o, row, mask)}")
         if self._uses(which, T_SYMBOL) and (only is None or "t" in only):
             self._t = f"f_t{n}"
             lines.append(f"f_t{n} = ({row} - bos).to(tl.float32)")
         return "\n".join(lines) if self._tiles or self._t else ""
+
+    def load_ahead(self, rows: str, mask: str, which, prefix: str) -> str:
+        """The per-row scalar inputs feeding `which` (one value a row: 2 bytes a row apart in 16-bit inputs,
+        which the pipeliner's async copies cannot take) at a block of rows, into <prefix><name>: a serial walk
+        loads the next chunk's during this one's step, so that their latency is not on the walk's path."""
+        row = f"({rows}).to(tl.int64)[:, None]"
+        return "\n".join(f"{prefix}{o.name} = {self._row_load(o, row, f'({mask})')}" for o in self.plan.used_by(self.maps(which))
+                         if o.is_input and o.layout == "scalar")
 
     @staticmethod
     def _row_load(o: OperandInfo, row: str, mask) -> str:
