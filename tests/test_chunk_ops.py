@@ -132,7 +132,8 @@ def test_key_block_outputs_with_a_bonus(inclusive):
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "retnet", "griffin"])
 def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):
     """Split states and dstates walks read the decayed keys, q * exp(B) and chunk decays of chunk_keys_kernel
-    (PRE), or compute them at every step: per-key, scalar and constant decays, exclusive with a bonus, grouped
+    (PRE), or compute them at every step, their per-row scalar inputs (mamba2's dt, griffin's gates) loaded a
+    chunk ahead: per-key, scalar and constant decays, exclusive with a bonus, grouped
     inputs, three key blocks (the last masked), varlen with an empty sequence; values and gradients, both
     against the reference."""
     decided = []
