@@ -22,7 +22,8 @@ Names the holes define: `x_<name>` (operand pointers), `r_<name>`
 (parameter tiles), `r<n>_<name>` (per-token tiles of the n-th load), `f_h`,
 `f_t<n>` (h, t as fp32), `b_*` above, `b_term`, `b_dts`, `b_dtv`, `g_*`
 (the chain kernel's feature gradients) and temporaries `_e<n>_<i>`.
-Templates keep clear of these names.
+Templates keep clear of these names; load_ahead's variables take the prefix
+the template gives.
 """
 from __future__ import annotations
 
