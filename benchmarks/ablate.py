@@ -129,9 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
 
+    from benchmarks.chunk_bench import keys_pass_off
     from benchmarks.runinfo import Results
     from benchmarks.compare import CASES
-    from mixforge.codegen import chunk as chunk_path
     from mixforge.spec.testing import random_inputs
 
     case = next(c for c in CASES if c.name == args.mixer)
@@ -147,13 +147,9 @@ def main(argv=None) -> int:
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device=dev, seed=0)
     res = Results(args.out, "ablate", gpu=not args.smoke, mixer=args.mixer, kernel=args.kernel, config=cfg_str,
                   shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
-    walk_keys = chunk_path.walk_keys
-    if args.kernel == "chunk_states_kernel":   # the walk computes its own maps (see the docstring)
-        chunk_path.walk_keys = lambda c, split: False
-    try:
+    # chunk_states_kernel: the walk computes its own maps (see the docstring)
+    with keys_pass_off(args.kernel == "chunk_states_kernel"):
         _run_variants(args, case, variants, config, x, res)
-    finally:
-        chunk_path.walk_keys = walk_keys
     print(f"wrote {res.path}")
     return 0
 

@@ -16,6 +16,7 @@ A config is chunk,BV,num_warps,num_stages[,f|t] (f: fused, t: two_pass forward).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -38,6 +39,20 @@ CHECK = ("64,64,4,2,f", "64,64,8,2")
 def mixers():
     from benchmarks.compare import GLA_CORE, LINEAR, MAMBA2, SCALAR_DECAY
     return {"linear_attention": LINEAR, "scalar_decay": SCALAR_DECAY, "gla": GLA_CORE, "mamba2": MAMBA2}
+
+
+@contextlib.contextmanager
+def keys_pass_off(off: bool = True):
+    """Within it (where `off`), the split states walks compute their decayed keys at every step instead of
+    reading the keys pass's (codegen.chunk.walk_keys off): what the keys pass is worth. Restored after."""
+    from mixforge.codegen import chunk as chunk_path
+    real = chunk_path.walk_keys
+    if off:
+        chunk_path.walk_keys = lambda c, split: False
+    try:
+        yield
+    finally:
+        chunk_path.walk_keys = real
 
 
 def cfg_of(s: str):

@@ -40,7 +40,12 @@ def main(argv=None) -> int:
                     help="one fwd+bwd per config, untimed: run one process per case side by side first, and the "
                          "timed run finds every kernel compiled")
     args = ap.parse_args(argv)
+    from benchmarks.chunk_bench import keys_pass_off
+    with keys_pass_off(args.no_keys_pass):
+        return _run(args)
 
+
+def _run(args) -> int:
     import mixforge as mf
     from benchmarks.chunk_bench import cfg_of, rel
     from benchmarks.compare import CASES, kernel_profile, on_pass, peak_mem
@@ -48,9 +53,6 @@ def main(argv=None) -> int:
     from mixforge.spec.testing import random_inputs
 
     dev = "cpu" if args.smoke else "cuda"
-    if args.no_keys_pass:
-        from mixforge.codegen import chunk as chunk_path
-        chunk_path.walk_keys = lambda c, split: False
 
     bench = timer(args.smoke)
     B, T, H, K, V = (1, 40, 2, 40, 24) if args.smoke else (int(p) for p in args.shape.split(","))

@@ -142,7 +142,7 @@ class Emitter:
             row, lines = f"r{n}_row", [f"r{n}_row = ({rows}).to(tl.int64)[:, None]"]
         for o in self.plan.used_by(which):
             if o.is_input and (only is None or o.name in only):
-                if ahead and o.layout == "scalar":
+                if ahead and self._loads_ahead(o):
                     self._tiles[o.name] = f"{ahead}{o.name}"
                     continue
                 self._tiles[o.name] = f"r{n}_{o.name}"
@@ -157,8 +157,13 @@ class Emitter:
         which the pipeliner's async copies cannot take) at a block of rows, into <prefix><name>: a serial walk
         loads the next chunk's during this one's step, so that their latency is not on the walk's path."""
         row = f"({rows}).to(tl.int64)[:, None]"
-        return "\n".join(f"{prefix}{o.name} = {self._row_load(o, row, f'({mask})')}" for o in self.plan.used_by(self.maps(which))
-                         if o.is_input and o.layout == "scalar")
+        return "\n".join(f"{prefix}{o.name} = {self._row_load(o, row, f'({mask})')}"
+                         for o in self.plan.used_by(self.maps(which)) if self._loads_ahead(o))
+
+    @staticmethod
+    def _loads_ahead(o: OperandInfo) -> bool:
+        """Whether load_ahead loads `o` (and load_rows with `ahead` takes it from there): a per-row scalar input."""
+        return o.is_input and o.layout == "scalar"
 
     @staticmethod
     def _row_load(o: OperandInfo, row: str, mask) -> str:
