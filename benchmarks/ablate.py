@@ -36,7 +36,11 @@ now load the k side's per-row scalar inputs one chunk ahead (emit.load_ahead). T
 without the keys pass, so for this kernel the keys pass is off (codegen.chunk.walk_keys), and the default config
 is the two-pass forward with all of K:
 
-  dt_in_step       dt loaded in the step that uses it, as before (same output)
+  in_step          every walk's per-row scalar inputs loaded in the step that uses them, as before: the module
+                   rendered without load_ahead (same output; ablate-20261122-224218 called it dt_in_step)
+
+The same variant for the fused forward's walk (chunk_fwd_kernel, with a fused --config) and the dstates walk
+(chunk_dstates_kernel: the keys pass off, forward and backward timed, the default config two-pass with all of K).
 
 The variants compute wrong outputs on purpose, except where they say "same output"; only their times mean
 something. Writes ablate-<stamp>.json with device, versions and date.
@@ -58,14 +62,18 @@ DIAG = ("b_A += tl.where(m_eye, b_diag[:, None], 0.)", "b_A += tl.where(m_eye, 1
 READ = "b_o = scale * (_sum(b_fq[:, None] * b_S, axis=0) + _sum(b_fq * b_fk, axis=0) * b_fv)"
 ABSORB = "b_S += b_kp[:, None] * b_vp[None, :]\n        b_S = b_S * b_ea[:, None]\n"
 
-# mamba2's states walk: its dt loaded in the step that uses it, as before the templates loaded it a chunk ahead
-DT_IN_STEP = ("_softplus(ahead_dt + r_dt_bias)",
-              "_softplus(tl.load(x_dt + rows.to(tl.int64)[:, None] * H + i_h, mask=m_t[:, None], other=0.0)"
-              ".to(tl.float32) + r_dt_bias)")
+#: a variant rendered with no per-row input loaded ahead (emit.Emitter._loads_ahead false): every walk loads its
+#: per-row scalar inputs in the step that uses them, as before the templates loaded them a chunk ahead
+IN_STEP = "render without load_ahead"
 #: the config each kernel is timed with when --config is not given (None: the ops' own lookup)
-DEFAULT_CONFIG = {"chunk_states_kernel": ("64,64,4,2,t", "16,16,4,1,t")}   # (GPU, --smoke)
+DEFAULT_CONFIG = {"chunk_states_kernel": ("64,64,4,2,t", "16,16,4,1,t"),    # (GPU, --smoke)
+                  "chunk_dstates_kernel": ("64,64,4,2,t", "16,16,4,1,t")}
+#: kernels of the backward: their variants are timed forward and backward
+BACKWARD = ("chunk_dstates_kernel",)
+#: the walks that compute their maps only without the keys pass (codegen.chunk.walk_keys), which is off for them
+WALKS = ("chunk_states_kernel", "chunk_dstates_kernel")
 #: variants that reorder or move work without changing the output
-SAME_OUTPUT = ("current_first", "one_accumulator", "dt_in_step")
+SAME_OUTPUT = ("current_first", "one_accumulator", "in_step")
 
 
 def _one_acc(S):
@@ -86,6 +94,7 @@ ABLATIONS = {
         "no_diag": [DIAG],
         "linear_like": [CUMSUM, DECAY_MATRIX, QE_SCALE, DIAG],
         "one_accumulator": [_one_acc("b_Sb"), _one_acc("b_S")],
+        "in_step": IN_STEP,
     },
     "recurrent_fwd_kernel": {
         "baseline": [],
@@ -96,10 +105,8 @@ ABLATIONS = {
                           (READ, "b_o = scale * _sum(b_fq[:, None] * b_S, axis=0)")],
         "no_decay": [(" * b_ea[:, None]", "")],
     },
-    "chunk_states_kernel": {
-        "baseline": [],
-        "dt_in_step": [DT_IN_STEP],
-    },
+    "chunk_states_kernel": {"baseline": [], "in_step": IN_STEP},
+    "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
 }
 
 
@@ -147,44 +154,59 @@ def main(argv=None) -> int:
     x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device=dev, seed=0)
     res = Results(args.out, "ablate", gpu=not args.smoke, mixer=args.mixer, kernel=args.kernel, config=cfg_str,
                   shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
-    # chunk_states_kernel: the walk computes its own maps (see the docstring)
-    with keys_pass_off(args.kernel == "chunk_states_kernel"):
+    # the walks compute their own maps (see the docstring)
+    with keys_pass_off(args.kernel in WALKS):
         _run_variants(args, case, variants, config, x, res)
     print(f"wrote {res.path}")
     return 0
 
 
 def _run_variants(args, case, variants, config, x, res) -> None:
-    """Each variant: the mixer's module rendered with the kernel's edits, its forward run (and timed)."""
+    """Each variant: the mixer's module rendered with the kernel's edits, its forward (and, for a kernel of the
+    backward, its backward) run and timed."""
     import mixforge as mf
-    from benchmarks.compare import bench, kernel_profile
+    from benchmarks.compare import bench, fwd_bwd, kernel_profile
+    from mixforge.codegen import emit
     from mixforge.codegen import ops as ops_mod
 
-    base = None
-    real = ops_mod.render_module
+    backward = args.kernel in BACKWARD
+    leaves = [t for t in x.values() if t.is_floating_point()]
+    base, dy = None, None
+    real, real_ahead = ops_mod.render_module, vars(emit.Emitter)["_loads_ahead"]   # the staticmethod itself
     for name in (args.variants.split(",") if args.variants else variants):
         edits = variants[name]
-        ops_mod.render_module = lambda plan, edits=edits: patch_kernel(real(plan), args.kernel, edits)
+        if edits is IN_STEP:
+            emit.Emitter._loads_ahead = staticmethod(lambda o: False)
+        else:
+            ops_mod.render_module = lambda plan, edits=edits: patch_kernel(real(plan), args.kernel, edits)
         try:
             ops = mf.compile(case.mixer)
         finally:
-            ops_mod.render_module = real
+            ops_mod.render_module, emit.Emitter._loads_ahead = real, real_ahead
         run = lambda ops=ops: getattr(ops, case.path)(config=config, **x)[0]  # noqa: E731
         row = dict(variant=name)
         t0 = time.time()
-        with torch.no_grad():
-            y = run().float()
-            row["compile_s"] = round(time.time() - t0, 2)
-            if base is None:
-                base = y
-            # the edit took: every variant but the baseline and SAME_OUTPUT changes the output
-            row["rel_to_baseline"] = ((y - base).norm() / base.norm()).item()
-            if args.smoke:
-                row["ran"] = True
-            else:
-                row["fwd_ms"] = bench(run)
-                row["profile_us"] = kernel_profile(run)
-                row["kernel_us"] = sum(us for k, us, _ in row["profile_us"] if args.kernel in k)
+        if backward:
+            for t_ in leaves:
+                t_.requires_grad_(True)
+            y = run()
+            dy = torch.randn_like(y) if dy is None else dy
+            out = torch.cat([g.float().flatten() for g in torch.autograd.grad(y, leaves, dy)])
+            timed = fwd_bwd(run, leaves, dy)
+        else:
+            with torch.no_grad():
+                out = run().float()
+            timed = torch.no_grad()(run)
+        row["compile_s"] = round(time.time() - t0, 2)
+        base = out if base is None else base
+        # the edit took: every variant but the baseline and SAME_OUTPUT changes the output (the gradients)
+        row["rel_to_baseline"] = ((out - base).norm() / base.norm()).item()
+        if args.smoke:
+            row["ran"] = True
+        else:
+            row["fwd_bwd_ms" if backward else "fwd_ms"] = bench(timed)
+            row["profile_us"] = kernel_profile(timed)
+            row["kernel_us"] = sum(us for k, us, _ in row["profile_us"] if args.kernel in k)
         res.add(row, hide=("profile_us",))
 
 

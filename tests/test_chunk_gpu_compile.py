@@ -30,19 +30,21 @@ def test_backward_kernel_compiles_for_sm90_with_and_without_key_blocks(tmp_path)
         assert sum(f"{kernel}/BK64 " in line for line in r.stdout.splitlines()) == len(mixers), r.stdout
 
 
-def test_states_walk_compiles_for_sm90_with_its_inputs_loaded_ahead(tmp_path):
-    """The states walk loads the next chunk's per-row scalar inputs during this chunk's step (a loop-carried
-    tile that exists only where the walk computes its maps): mamba2's dt (grouped keys), griffin's gates (no
-    key), rwkv4's k (exclusive, normalize) and performer's key norm (no decay), then the same walk reading the
-    keys pass (PRE), split as at B = 1."""
+def test_walks_compile_for_sm90_with_their_inputs_loaded_ahead(tmp_path):
+    """The states walk, the dstates walk and the fused forward's walk load the next chunk's per-row scalar
+    inputs during this chunk's step (a loop-carried tile that exists only where the walk computes its maps):
+    mamba2's dt (grouped keys), griffin's gates (no key), rwkv4's k (exclusive, normalize) and performer's
+    norms (no decay), then the same walks reading the keys pass (PRE), split as at B = 1."""
     mixers = ["mamba2", "griffin", "rwkv4", "performer"]
+    walks = ["chunk_states_kernel", "chunk_dstates_kernel", "chunk_fwd_kernel"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     env.update(PYTHONPATH=str(tmp_path), PYTHONSAFEPATH="1", TRITON_DEFAULT_FP_FUSION="1")
     for extra in ([], ["--state-tile", "32", "--pre"]):
         r = subprocess.run([sys.executable, "-m", "benchmarks.chunk_compile", "--mixers", ",".join(mixers),
-                            "--kernels", "chunk_states_kernel", "--configs", "64,64,4,2", *extra],
+                            "--kernels", ",".join(walks), "--configs", "64,64,4,2", *extra],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
-        lines = [line for line in r.stdout.splitlines() if "chunk_states_kernel" in line]
-        assert len(lines) == len(mixers), r.stdout
+        for kernel in walks:
+            lines = [line for line in r.stdout.splitlines() if f" {kernel} " in line]
+            assert len(lines) == len(mixers), r.stdout

@@ -144,6 +144,22 @@ def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):
     assert decided and all(decided)     # split at these sizes, and a decay that the keys pass serves
 
 
+@pytest.mark.parametrize("pre", [True, False])
+@pytest.mark.parametrize("strategy", ["fused", "two_pass"])
+def test_walks_load_a_shared_row_input_ahead_on_both_sides_of_an_exclusive_mixer(strategy, pre, monkeypatch):
+    """One per-row scalar input r in q, k and the decay of an exclusive mixer: the q side reads r at the chunk's
+    own rows, the k side and decay one token earlier. The fused forward's walk and the dstates walk load only
+    the k side's (the dstates walk: the decay's) r a chunk ahead and the q side's in the step; the two must not
+    be mixed up. Varlen with an empty sequence; values and gradients against the reference."""
+    r = Input("r", dim=None)
+    m = Mixer("exclusive_shared_row", fq=zoo.q * sigmoid(r), fk=zoo.k * sigmoid(-r), fv=zoo.v, fa=logsigmoid(r),
+              inclusive=False)
+    monkeypatch.setattr(chunk_path, "walk_keys", lambda c, split: pre and split)
+    cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
+    check(m, strategy, B=1, K=40, V=36, BK=16, cu_seqlens=cu)
+    check(m, strategy, T=37)
+
+
 def test_walk_keys_only_for_split_decaying_states_without_normalize():
     def call(name):
         ops = mf.compile(zoo.ALL[name])
