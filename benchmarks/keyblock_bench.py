@@ -59,7 +59,8 @@ def _run(args) -> int:
     configs = ["16,16,4,1,0", "16,16,4,1,16", "16,16,4,1,16,t"] if args.smoke else args.configs
     dtype = torch.float32 if args.smoke else torch.bfloat16
     cases = {c.name: c for c in CASES}
-    res = Results(args.out, "keyblock_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
+    res = Results(args.out, "keyblock_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)),
+                  kernel=args.kernel, keys_pass=not args.no_keys_pass)
 
     for name in args.cases.split(","):
         case = cases[name]

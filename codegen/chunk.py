@@ -233,8 +233,8 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
                  config.num_warps, config.num_stages, s_warps, s_stages, walk_keys(c, split, BT))
 
 
-#: a walk of at most this many chunks a sequence computes a decay per row (or a constant one) itself
-SHORT_WALK = 128
+#: a decay per row or a constant one reads the keys pass only on walks of more chunks a sequence than this
+KEYS_PASS_WALK = 128
 
 
 def walk_keys(c: ChunkCall, split: bool, BT: int) -> bool:
@@ -247,7 +247,7 @@ def walk_keys(c: ChunkCall, split: bool, BT: int) -> bool:
     reads a [BT, BK] 16-bit tile of decayed keys instead of k and the decay input. Not for normalize
     mixers, whose z sums the keys in fp32.
 
-    A decay per row or a constant one, on a walk of at most SHORT_WALK chunks: no keys pass. Since the walks
+    A decay per row or a constant one, on a walk of at most KEYS_PASS_WALK chunks: no keys pass. Since the walks
     load their per-row inputs a chunk ahead, the pass no longer paid there (keyblock_bench-20261122-233950
     and -234050, the forward at B = 4, T = 8192, K = V = 128 in 64-key blocks, 128 chunks: scalar decay 0.612
     -> 0.531 ms, the walk 229 -> 234 us without the 88 us pass; mamba2's walk 227 -> 262 us without the 65 us
@@ -258,7 +258,7 @@ def walk_keys(c: ChunkCall, split: bool, BT: int) -> bool:
     if c.decay == "key":
         return True
     steps = -(-(c.T + (0 if c.inclusive else 1)) // BT) if c.cu_seqlens is None else -(-c.T // (c.N * BT))
-    return steps > SHORT_WALK
+    return steps > KEYS_PASS_WALK
 
 
 def out_key_blocks(c: ChunkCall, g: _Geom) -> bool:

@@ -138,7 +138,7 @@ def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):
     against the reference."""
     decided = []
     real = chunk_path.walk_keys
-    monkeypatch.setattr(chunk_path, "SHORT_WALK", 0)     # these walks are short; the rule on length is tested apart
+    monkeypatch.setattr(chunk_path, "KEYS_PASS_WALK", 0)     # these walks are short; the rule on length is tested apart
     monkeypatch.setattr(chunk_path, "walk_keys",
                         lambda c, split, BT: decided.append(real(c, split, BT)) or (pre and decided[-1]))
     cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
@@ -174,7 +174,7 @@ def test_walk_keys_only_for_split_decaying_states_without_normalize():
     assert not chunk_path.walk_keys(call("gla"), False, 64)                # many sequences: walks stay as they are
     assert not chunk_path.walk_keys(call("linear_attention"), True, 64)    # no decay (and normalize)
     assert not chunk_path.walk_keys(call("rfa"), True, 64)                 # normalize: z sums the fp32 keys
-    # a walk of at most SHORT_WALK chunks computes a decay per row (or a constant one) itself; a per-key
+    # a walk of at most KEYS_PASS_WALK chunks computes a decay per row (or a constant one) itself; a per-key
     # decay's walk reads the keys pass at any length
     assert not chunk_path.walk_keys(call("mamba2", T=64 * 128), True, 64)
     assert not chunk_path.walk_keys(call("retnet", T=64 * 128), True, 64)
