@@ -38,6 +38,9 @@ is the two-pass forward with all of K:
 
   in_step          every walk's per-row scalar inputs loaded in the step that uses them, as before: the module
                    rendered without load_ahead (same output; ablate-20261122-224218 called it dt_in_step)
+  no_cumsum        the chunk's cumulative log-decay not summed
+  no_decay_math    no cumulative sum, no exponentials, no decay of the state: what the walk would take with its
+                   decay factors computed off its path
 
 The same variant for the fused forward's walk (chunk_fwd_kernel, with a fused --config) and the dstates walk
 (chunk_dstates_kernel: the keys pass off, forward and backward timed, the default config two-pass with all of K).
@@ -105,7 +108,14 @@ ABLATIONS = {
                           (READ, "b_o = scale * _sum(b_fq[:, None] * b_S, axis=0)")],
         "no_decay": [(" * b_ea[:, None]", "")],
     },
-    "chunk_states_kernel": {"baseline": [], "in_step": IN_STEP},
+    "chunk_states_kernel": {
+        "baseline": [],
+        "in_step": IN_STEP,
+        # what the walk's decay math costs it without the keys pass: the cumulative sum, then all of it
+        "no_cumsum": [CUMSUM],
+        "no_decay_math": [CUMSUM, ("b_kd = b_fk * tl.exp((b_last - b_B)[:, None])", "b_kd = b_fk"),
+                          ("b_S = b_S * tl.exp(b_last)", "b_S = b_S")],
+    },
     "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
 }
 

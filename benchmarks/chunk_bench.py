@@ -48,7 +48,7 @@ def keys_pass_off(off: bool = True):
     from mixforge.codegen import chunk as chunk_path
     real = chunk_path.walk_keys
     if off:
-        chunk_path.walk_keys = lambda c, split, BT: False
+        chunk_path.walk_keys = lambda c, split, *tiles: False
     try:
         yield
     finally:

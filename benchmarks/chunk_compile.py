@@ -149,8 +149,9 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--V", type=int, default=128)
-    ap.add_argument("--state-tile", type=int, default=None,
-                    help="the states kernels' BK = BV (a split walk's tiles; default: all of K, the config's BV)")
+    ap.add_argument("--state-tile", default=None,
+                    help="the states kernels' BK = BV, or BKxBV (a split walk's tiles; default: all of K, the "
+                         "config's BV)")
     ap.add_argument("--pre", action="store_true", help="the walks read the keys pass's buffers (PRE)")
     ap.add_argument("--key-blocks", type=int, nargs="*", default=[0],
                     help="the key-block kernels' blocks to compile (config.BK; 0: all of K in one tile)")
@@ -170,7 +171,8 @@ def main(argv=None):
                 for kb in (args.key_blocks if blocked else [0]):
                     kconsts = dict(consts)
                     if args.state_tile and kern in ("chunk_states_kernel", "chunk_dstates_kernel"):
-                        kconsts.update(BK=args.state_tile, BV=args.state_tile)
+                        sbk, _, sbv = args.state_tile.partition("x")
+                        kconsts.update(BK=int(sbk), BV=int(sbv or sbk))
                     if blocked:
                         kb = min(kb or consts["BK"], consts["BK"])
                         kconsts.update(BK=kb, NK=-(-args.K // kb))

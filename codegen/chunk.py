@@ -230,14 +230,16 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
     s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
     return _Geom(BT, BK, KB, -(-c.K // KB), BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
-                 config.num_warps, config.num_stages, s_warps, s_stages, walk_keys(c, split, BT))
+                 config.num_warps, config.num_stages, s_warps, s_stages, walk_keys(c, split, BT, SBK, SBV))
 
 
-#: a decay per row or a constant one reads the keys pass only on walks of more chunks a sequence than this
+#: a decay per row or a constant one skips the keys pass on walks of at most this many chunks a sequence in
+#: state tiles of at most KEYS_PASS_TILE elements
 KEYS_PASS_WALK = 128
+KEYS_PASS_TILE = 64 * 64
 
 
-def walk_keys(c: ChunkCall, split: bool, BT: int) -> bool:
+def walk_keys(c: ChunkCall, split: bool, BT: int, SBK: int, SBV: int) -> bool:
     """Whether the states walk reads its decayed keys and chunk decays from chunk_keys_kernel (run first,
     one program per chunk) instead of computing them at every step; in the backward, the dstates walk its
     q * exp(B) and chunk decays too. Where the state is split (few long
@@ -247,18 +249,22 @@ def walk_keys(c: ChunkCall, split: bool, BT: int) -> bool:
     reads a [BT, BK] 16-bit tile of decayed keys instead of k and the decay input. Not for normalize
     mixers, whose z sums the keys in fp32.
 
-    A decay per row or a constant one, on a walk of at most KEYS_PASS_WALK chunks: no keys pass. Since the walks
-    load their per-row inputs a chunk ahead, the pass no longer paid there (keyblock_bench-20261122-233950
-    and -234050, the forward at B = 4, T = 8192, K = V = 128 in 64-key blocks, 128 chunks: scalar decay 0.612
-    -> 0.531 ms, the walk 229 -> 234 us without the 88 us pass; mamba2's walk 227 -> 262 us without the 65 us
-    pass). On 512 chunks (B = 1, T = 32768) it still did: scalar decay 0.696 against 0.825 ms, mamba2 0.650
-    against 0.858, fwd+bwd 2.75 against 3.02 and 3.09 against 3.54 (-234010, -234117, -234030, -234143)."""
+    A decay per row or a constant one, on a walk of at most KEYS_PASS_WALK chunks in SBK x SBV state tiles of
+    at most KEYS_PASS_TILE: no keys pass. Since the walks load their per-row inputs a chunk ahead, the pass no
+    longer paid there (keyblock_bench-20261122-233950 and -234050, the forward at B = 4, T = 8192,
+    K = V = 128 in 64-key blocks, 64 x 64 tiles, 128 chunks: scalar decay 0.612 -> 0.531 ms, its walk 229 ->
+    234 us without the 88 us pass; mamba2's walk 227 -> 262 us without the 65 us pass). It still did:
+    * on 512 chunks (B = 1, T = 32768; -234010, -234117, -234030, -234143): scalar decay 0.696 against
+      0.825 ms, mamba2 0.650 against 0.858; fwd+bwd 2.75 against 3.02 and 3.09 against 3.54;
+    * in 64 x 256 tiles (B = 8, T = 4096, K = V = 256 in 64-key blocks, 64 chunks; -201936 against -235450):
+      the walk took 596 us and the pass 176 with it, 975 without (scalar decay); the forward 1.60 against 1.72
+      ms, mamba2's 1.47 against 1.66, its fwd+bwd 8.63 (compare-20261122-221937) against 9.50 (-235521)."""
     if not (split and c.decay != "none" and not c.normalize):
         return False
     if c.decay == "key":
         return True
     steps = -(-(c.T + (0 if c.inclusive else 1)) // BT) if c.cu_seqlens is None else -(-c.T // (c.N * BT))
-    return steps > KEYS_PASS_WALK
+    return steps > KEYS_PASS_WALK or SBK * SBV > KEYS_PASS_TILE
 
 
 def out_key_blocks(c: ChunkCall, g: _Geom) -> bool:

@@ -140,7 +140,7 @@ def test_states_walk_with_and_without_the_keys_pass(name, pre, monkeypatch):
     real = chunk_path.walk_keys
     monkeypatch.setattr(chunk_path, "KEYS_PASS_WALK", 0)     # these walks are short; the rule on length is tested apart
     monkeypatch.setattr(chunk_path, "walk_keys",
-                        lambda c, split, BT: decided.append(real(c, split, BT)) or (pre and decided[-1]))
+                        lambda c, split, *tiles: decided.append(real(c, split, *tiles)) or (pre and decided[-1]))
     cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
     check(zoo.ALL[name], "two_pass", B=1, K=40, V=36, BK=16, cu_seqlens=cu)
     assert decided and all(decided)     # split at these sizes, and a decay that the keys pass serves
@@ -156,7 +156,7 @@ def test_walks_load_a_shared_row_input_ahead_on_both_sides_of_an_exclusive_mixer
     r = Input("r", dim=None)
     m = Mixer("exclusive_shared_row", fq=zoo.q * sigmoid(r), fk=zoo.k * sigmoid(-r), fv=zoo.v, fa=logsigmoid(r),
               inclusive=False)
-    monkeypatch.setattr(chunk_path, "walk_keys", lambda c, split, BT: pre and split)
+    monkeypatch.setattr(chunk_path, "walk_keys", lambda c, split, *tiles: pre and split)
     cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
     check(m, strategy, B=1, K=40, V=36, BK=16, cu_seqlens=cu)
     check(m, strategy, T=37)
@@ -169,26 +169,26 @@ def test_walk_keys_only_for_split_decaying_states_without_normalize():
         return chunk_path.ChunkCall(ops.module, [], 1, T, 2, 8, 8, N, 1.0, ops.plan.decay, ops.plan.inclusive,
                                     ops.plan.normalize, ops.plan.bonus, cu, None, None, False, torch.float32,
                                     torch.device("cpu"))
-    assert chunk_path.walk_keys(call("gla"), True, 64) and chunk_path.walk_keys(call("retnet"), True, 64)
-    assert chunk_path.walk_keys(call("mamba2"), True, 64)                  # 129 chunks
-    assert not chunk_path.walk_keys(call("gla"), False, 64)                # many sequences: walks stay as they are
-    assert not chunk_path.walk_keys(call("linear_attention"), True, 64)    # no decay (and normalize)
-    assert not chunk_path.walk_keys(call("rfa"), True, 64)                 # normalize: z sums the fp32 keys
-    # a walk of at most KEYS_PASS_WALK chunks computes a decay per row (or a constant one) itself; a per-key
-    # decay's walk reads the keys pass at any length
-    assert not chunk_path.walk_keys(call("mamba2", T=64 * 128), True, 64)
-    assert not chunk_path.walk_keys(call("retnet", T=64 * 128), True, 64)
-    assert not chunk_path.walk_keys(call("mamba2", T=64 * 129), True, 128)
-    assert chunk_path.walk_keys(call("gla", T=64), True, 64)
+
+    def keys(mixer, split=True, BT=64, tile=(64, 64), **kw):
+        return chunk_path.walk_keys(call(mixer, **kw), split, BT, *tile)
+
+    assert keys("gla") and keys("retnet") and keys("mamba2")                 # 129 chunks
+    assert not keys("gla", split=False)                                     # many sequences: walks stay as they are
+    assert not keys("linear_attention")                                     # no decay (and normalize)
+    assert not keys("rfa")                                                  # normalize: z sums the fp32 keys
+    # a decay per row (or a constant one) on a walk of at most KEYS_PASS_WALK chunks in tiles of at most
+    # KEYS_PASS_TILE computes its decayed keys itself; a per-key decay's walk reads the keys pass at any length
+    assert not keys("mamba2", T=64 * 128) and not keys("retnet", T=64 * 128)
+    assert not keys("mamba2", BT=128) and not keys("mamba2", T=64 * 128, tile=(32, 32))
+    assert keys("mamba2", T=64 * 128, tile=(64, 128)) and keys("mamba2", T=64 * 64, tile=(64, 256))
+    assert keys("gla", T=64)
     # an exclusive mixer walks T + 1 positions
     excl = Mixer("exclusive_scalar", fq=zoo.q, fk=zoo.k, fv=zoo.v, fa=logsigmoid(Input("a", dim=None)), inclusive=False)
-    assert chunk_path.walk_keys(call(excl, T=64 * 128), True, 64)
-    assert not chunk_path.walk_keys(call(excl, T=64 * 128 - 1), True, 64)
+    assert keys(excl, T=64 * 128) and not keys(excl, T=64 * 128 - 1)
     # varlen: the mean sequence's chunks
-    cu = torch.tensor([0, 64 * 200, 64 * 258], dtype=torch.int32)
-    assert chunk_path.walk_keys(call("mamba2", T=64 * 258, cu=cu), True, 64)         # 129 on average
-    cu = torch.tensor([0, 64 * 200, 64 * 256], dtype=torch.int32)
-    assert not chunk_path.walk_keys(call("mamba2", T=64 * 256, cu=cu), True, 64)     # 128
+    assert keys("mamba2", T=64 * 258, cu=torch.tensor([0, 64 * 200, 64 * 258], dtype=torch.int32))     # 129
+    assert not keys("mamba2", T=64 * 256, cu=torch.tensor([0, 64 * 200, 64 * 256], dtype=torch.int32))  # 128
 
 
 @pytest.mark.parametrize("name", ["gla", "cosformer"])
