@@ -164,8 +164,8 @@ def main(argv=None):
             BT, BV, W, S = map(int, c.split(","))
             consts = dict(H=16, K=args.K, V=args.V, BT=BT, BK=max(16, triton.next_power_of_2(args.K)), BV=BV,
                           LOG2_BT=BT.bit_length() - 1, FUSED=not args.two_pass, USE_S0=False, STORE_ST=False,
-                          STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, DOT_DT=tl.bfloat16,
-                          PREC="tf32", PRE=args.pre, QE=args.pre)
+                          STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, STORE_DS0=True,
+                          DOT_DT=tl.bfloat16, PREC="tf32", PRE=args.pre, QE=args.pre)
             for kern in args.kernels.split(","):
                 blocked = kern in KEY_BLOCK_KERNELS
                 for kb in (args.key_blocks if blocked else [0]):

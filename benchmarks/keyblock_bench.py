@@ -60,7 +60,7 @@ def _run(args) -> int:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     cases = {c.name: c for c in CASES}
     res = Results(args.out, "keyblock_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)),
-                  kernel=args.kernel, keys_pass=not args.no_keys_pass)
+                  kernel=args.kernel, keys_pass_off=args.no_keys_pass)   # else codegen.chunk.walk_keys decides
 
     for name in args.cases.split(","):
         case = cases[name]

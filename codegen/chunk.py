@@ -429,8 +429,10 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     sdt = _state_dtype(c.dtype)
     dSbuf = torch.empty(max(g.NC_total, 1), H, K, V, dtype=sdt, device=dev)
     dzbuf = torch.empty(max(g.NC_total, 1), H, K, **f32) if c.normalize else d
-    dS0 = torch.empty(N, H, K, V, **f32)
-    dz0 = torch.empty(N, H, K, **f32) if c.normalize else d
+    # without an initial state nothing reads dS0 (32 MiB in fp32 at B = 8, H = 16, K = V = 256)
+    store_ds0 = c.S0 is not None
+    dS0 = torch.empty(N, H, K, V, **f32) if store_ds0 else d
+    dz0 = torch.empty(N, H, K, **f32) if (store_ds0 and c.normalize) else d
     if N * H > 0:
         c.module.chunk_dstates_kernel[(g.state_blocks(K, V), N * H)](
             *c.map_args,
@@ -440,7 +442,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
-            **_launch_opts(g, _interpret(c), states=True),
+            STORE_DS0=store_ds0, **_launch_opts(g, _interpret(c), states=True),
         )
     del qe, dl      # the dstates walk's inputs only: freed before the backward kernel's allocations
 
@@ -499,8 +501,8 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     if c.bonus:
         dw_out = dw[:n_prog].reshape(-1, H, K).sum(0) if n_prog > 0 else torch.zeros(H, K, **f32)
     return dict(dfq=dq, dfk=dk, dfv=dv, dfa=dfa_out, dw=dw_out,
-                dS0=dS0 if c.S0 is not None else None,
-                dz0=dz0 if (c.normalize and c.S0 is not None) else None)
+                dS0=dS0 if store_ds0 else None,
+                dz0=dz0 if (c.normalize and store_ds0) else None)
 
 
 # --------------------------------------------------------------------------- the path interface
