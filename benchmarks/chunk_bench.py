@@ -55,6 +55,37 @@ def keys_pass_off(off: bool = True):
         chunk_path.walk_keys = real
 
 
+@contextlib.contextmanager
+def forced_walk(mode: str = "rule"):
+    """Within it, every split walk of a decay (without normalize) runs `mode` whatever its length and tiles:
+    "step" computes its maps and decays at every step, "keys" reads the keys pass's decayed keys, "factors"
+    only its decay factors (per-key decays: the keys); "rule" leaves codegen.chunk's rule. Restored after."""
+    from mixforge.codegen import chunk as chunk_path
+    real = chunk_path.walk_keys, chunk_path.walk_factors
+    if mode != "rule":
+        chunk_path.walk_keys = lambda c, split, *tiles: (mode != "step" and split and c.decay != "none"
+                                                         and not c.normalize)
+        chunk_path.walk_factors = lambda c: mode == "factors" and c.decay != "key"
+    try:
+        yield
+    finally:
+        chunk_path.walk_keys, chunk_path.walk_factors = real
+
+
+@contextlib.contextmanager
+def factors_pass_off(off: bool = True):
+    """Within it (where `off`), a walk that reads a pass reads the decayed keys, never only the decay factors
+    (codegen.chunk.walk_factors off): what the factors are worth against the keys pass. Restored after."""
+    from mixforge.codegen import chunk as chunk_path
+    real = chunk_path.walk_factors
+    if off:
+        chunk_path.walk_factors = lambda c: False
+    try:
+        yield
+    finally:
+        chunk_path.walk_factors = real
+
+
 def cfg_of(s: str):
     """A config from chunk,BV,num_warps,num_stages[,BK][,t|f]: BK a key block (0: all of K), t two-pass,
     f (the default) fused."""

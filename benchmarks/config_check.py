@@ -14,7 +14,7 @@ import sys
 import torch
 
 import mixforge as mf
-from .chunk_bench import cfg_of
+from .chunk_bench import cfg_of, forced_walk
 from .gpu_check import DTYPES, TOL, check_backward, check_forward
 
 
@@ -37,8 +37,16 @@ def main(argv=None) -> int:
                         "default all of K; t the two-pass forward)")
     p.add_argument("--K", type=int, default=128)
     p.add_argument("--V", type=int, default=96, help="value dim (96: gpu_check's K != V backward check)")
+    p.add_argument("--walk", default="rule", choices=("rule", "step", "keys", "factors"),
+                   help="the split walks at any length: computing maps and decays at every step, reading the keys "
+                        "pass, or only its decay factors (benchmarks.chunk_bench.forced_walk); default the rule")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    with forced_walk(a.walk):
+        return _check(a)
+
+
+def _check(a) -> int:
     mixer = mf.load_mixer(a.mixer)
     ops = mf.compile(mixer)
     rows = []
@@ -56,7 +64,7 @@ def main(argv=None) -> int:
             except Exception as e:
                 errs = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             worst = max((v for v in errs.values() if isinstance(v, float)), default=float("nan"))
-            row = dict(mixer=a.mixer, dtype=a.dtype, config=c, decay=decay, T=T, K=a.K, V=a.V, errors=errs,
+            row = dict(mixer=a.mixer, dtype=a.dtype, config=c, walk=a.walk, decay=decay, T=T, K=a.K, V=a.V, errors=errs,
                        ok=bool(worst < TOL[a.dtype]))   # NaN and an error are not ok
             rows.append(row)
             print(json.dumps(row), flush=True)

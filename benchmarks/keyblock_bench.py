@@ -35,13 +35,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-keys-pass", action="store_true",
                     help="the split states walks compute their decayed keys at every step instead of reading the "
                          "keys pass's (codegen.chunk.walk_keys off): what the keys pass is worth at this shape")
+    ap.add_argument("--no-factors", action="store_true",
+                    help="a walk that reads a pass reads the decayed keys, never only the decay factors "
+                         "(codegen.chunk.walk_factors off)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the interpreter: every step runs")
     ap.add_argument("--compile-only", action="store_true",
                     help="one fwd+bwd per config, untimed: run one process per case side by side first, and the "
                          "timed run finds every kernel compiled")
     args = ap.parse_args(argv)
-    from benchmarks.chunk_bench import keys_pass_off
-    with keys_pass_off(args.no_keys_pass):
+    from benchmarks.chunk_bench import factors_pass_off, keys_pass_off
+    with keys_pass_off(args.no_keys_pass), factors_pass_off(args.no_factors):
         return _run(args)
 
 
@@ -60,7 +63,8 @@ def _run(args) -> int:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     cases = {c.name: c for c in CASES}
     res = Results(args.out, "keyblock_bench", gpu=not args.smoke, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)),
-                  kernel=args.kernel, keys_pass_off=args.no_keys_pass)   # else codegen.chunk.walk_keys decides
+                  kernel=args.kernel, keys_pass_off=args.no_keys_pass,   # else codegen.chunk.walk_keys decides
+                  factors_off=args.no_factors)                           # else walk_factors does
 
     for name in args.cases.split(","):
         case = cases[name]

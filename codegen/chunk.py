@@ -86,6 +86,8 @@ class ChunkCall:
     # dfq, dfk, dfv: the inputs' dtype for a feature that is an input as-is (plan.passthrough: that is the
     # input's gradient, stored by the backward kernel directly), else fp32 for the chain rule
     dfeature_dtypes: tuple = (torch.float32, torch.float32, torch.float32)
+    # whether fq or fk reads a per-row scalar input (mamba2's dt): the walks' maps then cost them (walk_factors)
+    row_maps: bool = True
 
     @classmethod
     def from_ctx(cls, ctx) -> "ChunkCall":
@@ -98,7 +100,13 @@ class ChunkCall:
                    ctx.output_final_state, sh.dtype, sh.device,
                    o_dtype=torch.float32 if plan.has_epilogue else sh.dtype,
                    dfeature_dtypes=tuple(sh.dtype if f in plan.passthrough else torch.float32
-                                         for f in ("fq", "fk", "fv")))
+                                         for f in ("fq", "fk", "fv")),
+                   row_maps=row_maps(plan))
+
+
+def row_maps(plan) -> bool:
+    """Whether fq or fk reads a per-row scalar input (ChunkCall.row_maps)."""
+    return any(o.is_input and o.layout == "scalar" for o in plan.used_by(("fq", "fk")))
 
 
 def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None:
@@ -203,6 +211,7 @@ class _Geom:
     s_warps: int
     s_stages: int
     pre: bool                           # the states walk reads chunk_keys_kernel's decayed keys (walk_keys)
+    fact: bool = False                  # ... or only its decay factors, computing the maps (walk_factors)
 
     def state_blocks(self, K: int, V: int) -> int:
         """The states kernels' (K-block, V-block) programs per sequence-head."""
@@ -229,8 +238,10 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     dot_dt, prec = _dot_types(c.dtype)
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
     s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
+    keys_pass = walk_keys(c, split, BT, SBK, SBV)
+    fact = keys_pass and walk_factors(c)
     return _Geom(BT, BK, KB, -(-c.K // KB), BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
-                 config.num_warps, config.num_stages, s_warps, s_stages, walk_keys(c, split, BT, SBK, SBV))
+                 config.num_warps, config.num_stages, s_warps, s_stages, keys_pass and not fact, fact)
 
 
 #: a decay per row or a constant one skips the keys pass on walks of at most this many chunks a sequence in
@@ -265,6 +276,17 @@ def walk_keys(c: ChunkCall, split: bool, BT: int, SBK: int, SBV: int) -> bool:
         return True
     steps = -(-(c.T + (0 if c.inclusive else 1)) // BT) if c.cu_seqlens is None else -(-c.T // (c.N * BT))
     return steps > KEYS_PASS_WALK or SBK * SBV > KEYS_PASS_TILE
+
+
+def walk_factors(c: ChunkCall) -> bool:
+    """Where the walks read a pass (walk_keys): whether it writes only the rows' decay factors, exp(B_last - B)
+    and exp(B) (fp32, BT a chunk and head), and the walks compute the maps themselves. The walk's time at B = 1
+    was its decay math, not its loads: scalar decay's walk without the keys pass took 537 us, 328 with its
+    cumulative sum, exponentials and state decay taken out (ablate-20261123-000124), against 316 reading the
+    keys pass, which moves 268 MB (k in, decayed k out) where the factors are 2 MB. For a decay that is not per
+    key, and maps that take no per-row scalar input: mamba2's walk without its decay math still took 513 us
+    (-000140), its softplus(dt + bias) * B on the step's path."""
+    return c.decay in ("scalar", "constant") and not c.row_maps
 
 
 def out_key_blocks(c: ChunkCall, g: _Geom) -> bool:
@@ -319,14 +341,17 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
     ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if store_final else d
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
     kd = dl = qe = d
-    if g.pre and g.NC_total * H > 0:
-        kd = torch.empty(g.NC_total, H, K, g.BT, dtype=_state_dtype(c.dtype), device=dev)
+    if (g.pre or g.fact) and g.NC_total * H > 0:
+        if g.fact:      # the rows' decay factors only
+            kd = torch.empty(g.NC_total, H, g.BT, dtype=torch.float32, device=dev)
+        else:
+            kd = torch.empty(g.NC_total, H, K, g.BT, dtype=_state_dtype(c.dtype), device=dev)
         qe = torch.empty_like(kd) if for_backward else d
         dl = torch.empty((g.NC_total, H, K) if c.decay == "key" else (g.NC_total, H), dtype=torch.float32,
                          device=dev)
         c.module.chunk_keys_kernel[(g.NC_total * H,)](
             *c.map_args, kd, dl, qe, *_seq_args(c, g), c.T, c.scale,
-            H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None, QE=for_backward,
+            H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None, QE=for_backward, FACT=g.fact,
             **_launch_opts(g, _interpret(c)))
     if N * H > 0:
         c.module.chunk_states_kernel[(g.state_blocks(K, V), N * H)](
@@ -336,7 +361,7 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_S0=c.S0 is not None, STORE_ST=store_final,
-            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
+            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre, FACT=g.fact,
             **_launch_opts(g, _interpret(c), states=True),
         )
     return Sbuf, zbuf, ST, zT, qe, dl
@@ -450,7 +475,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
-            STORE_DS0=store_ds0, **_launch_opts(g, _interpret(c), states=True),
+            FACT=g.fact, STORE_DS0=store_ds0, **_launch_opts(g, _interpret(c), states=True),
         )
     del qe, dl      # the dstates walk's inputs only: freed before the backward kernel's allocations
 

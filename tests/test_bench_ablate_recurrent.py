@@ -58,3 +58,20 @@ def test_keyblock_bench_configs_agree(tmp_path, kernel):
                                                         for k in ("16,16,4,1,0", "16,16,4,1,16", "16,16,4,1,16,t")]
     assert all(r["rel_y"] < 1e-5 and max(r["rel_grads"].values()) < 1e-5 for r in rows), rows
     assert all(f"{'fwd' if kernel == 'chunk_fwd' else 'fwd+bwd'}_ms" in r for r in rows)
+
+
+def test_forced_walk_sets_the_walk_and_restores_the_rule():
+    from benchmarks.chunk_bench import forced_walk
+    from mixforge.codegen import chunk as chunk_path
+    real = chunk_path.walk_keys, chunk_path.walk_factors
+
+    class C:    # the fields the rule reads
+        decay, normalize = "scalar", False
+    with forced_walk("factors"):
+        assert chunk_path.walk_keys(C, True, 64, 32, 32) and chunk_path.walk_factors(C)
+        assert not chunk_path.walk_keys(C, False, 64, 32, 32)      # only split walks read a pass
+    with forced_walk("keys"):
+        assert chunk_path.walk_keys(C, True, 64, 32, 32) and not chunk_path.walk_factors(C)
+    with forced_walk("step"):
+        assert not chunk_path.walk_keys(C, True, 64, 32, 32)
+    assert (chunk_path.walk_keys, chunk_path.walk_factors) == real

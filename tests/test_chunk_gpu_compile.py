@@ -34,13 +34,14 @@ def test_walks_compile_for_sm90_with_their_inputs_loaded_ahead(tmp_path):
     """The states walk, the dstates walk and the fused forward's walk load the next chunk's per-row scalar
     inputs during this chunk's step (a loop-carried tile that exists only where the walk computes its maps):
     mamba2's dt (grouped keys), griffin's gates (no key), rwkv4's k (exclusive, normalize) and performer's
-    norms (no decay), then the same walks reading the keys pass (PRE), split as at B = 1."""
+    norms (no decay), then the same walks reading the keys pass (PRE) or its decay factors only (FACT), split
+    as at B = 1."""
     mixers = ["mamba2", "griffin", "rwkv4", "performer"]
     walks = ["chunk_states_kernel", "chunk_dstates_kernel", "chunk_fwd_kernel"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
     env.update(PYTHONPATH=str(tmp_path), PYTHONSAFEPATH="1", TRITON_DEFAULT_FP_FUSION="1")
-    for extra in ([], ["--state-tile", "32", "--pre"]):
+    for extra in ([], ["--state-tile", "32", "--pre"], ["--state-tile", "32", "--fact"]):
         r = subprocess.run([sys.executable, "-m", "benchmarks.chunk_compile", "--mixers", ",".join(mixers),
                             "--kernels", ",".join(walks), "--configs", "64,64,4,2", *extra],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
