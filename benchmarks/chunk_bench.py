@@ -59,13 +59,14 @@ def keys_pass_off(off: bool = True):
 def forced_walk(mode: str = "rule"):
     """Within it, every split walk of a decay (without normalize) runs `mode` whatever its length and tiles:
     "step" computes its maps and decays at every step, "keys" reads the keys pass's decayed keys, "factors"
-    only its decay factors (per-key decays: the keys); "rule" leaves codegen.chunk's rule. Restored after."""
+    only its decay factors (the forward's walk; per-key decays and the backward: the keys); "rule" leaves
+    codegen.chunk's rule. Restored after."""
     from mixforge.codegen import chunk as chunk_path
     real = chunk_path.walk_keys, chunk_path.walk_factors
     if mode != "rule":
         chunk_path.walk_keys = lambda c, split, *tiles: (mode != "step" and split and c.decay != "none"
                                                          and not c.normalize)
-        chunk_path.walk_factors = lambda c: mode == "factors" and c.decay != "key"
+        chunk_path.walk_factors = lambda c, *tiles: mode == "factors" and c.decay != "key"
     try:
         yield
     finally:
@@ -79,7 +80,7 @@ def factors_pass_off(off: bool = True):
     from mixforge.codegen import chunk as chunk_path
     real = chunk_path.walk_factors
     if off:
-        chunk_path.walk_factors = lambda c: False
+        chunk_path.walk_factors = lambda c, *tiles: False
     try:
         yield
     finally:

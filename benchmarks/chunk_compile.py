@@ -154,7 +154,8 @@ def main(argv=None):
                          "config's BV)")
     ap.add_argument("--pre", action="store_true", help="the walks read the keys pass's buffers (PRE)")
     ap.add_argument("--fact", action="store_true",
-                    help="the walks read the pass's decay factors only (FACT; a decay that is not per key)")
+                    help="the states walk reads the pass's decay factors only (FACT: the forward, a decay that is not "
+                         "per key)")
     ap.add_argument("--key-blocks", type=int, nargs="*", default=[0],
                     help="the key-block kernels' blocks to compile (config.BK; 0: all of K in one tile)")
     args = ap.parse_args(argv)
@@ -167,7 +168,7 @@ def main(argv=None):
             consts = dict(H=16, K=args.K, V=args.V, BT=BT, BK=max(16, triton.next_power_of_2(args.K)), BV=BV,
                           LOG2_BT=BT.bit_length() - 1, FUSED=not args.two_pass, USE_S0=False, STORE_ST=False,
                           STORE_STX=False, VARLEN=False, SAVE_ON=False, USE_DST=False, STORE_DS0=True,
-                          DOT_DT=tl.bfloat16, PREC="tf32", PRE=args.pre, QE=args.pre or args.fact,
+                          DOT_DT=tl.bfloat16, PREC="tf32", PRE=args.pre, QE=args.pre,
                           FACT=args.fact)
             for kern in args.kernels.split(","):
                 blocked = kern in KEY_BLOCK_KERNELS

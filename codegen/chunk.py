@@ -211,14 +211,14 @@ class _Geom:
     s_warps: int
     s_stages: int
     pre: bool                           # the states walk reads chunk_keys_kernel's decayed keys (walk_keys)
-    fact: bool = False                  # ... or only its decay factors, computing the maps (walk_factors)
+    fact: bool = False                  # ... or (the forward) only its decay factors, computing the maps
 
     def state_blocks(self, K: int, V: int) -> int:
         """The states kernels' (K-block, V-block) programs per sequence-head."""
         return -(-K // self.SBK) * -(-V // self.SBV)
 
 
-def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
+def _geometry(c: ChunkCall, config: KernelConfig, backward: bool = False) -> _Geom:
     check_config(config, c.K, c.V, gpu=c.device.type == "cuda")
     BT = config.chunk
     BK = max(16, next_pow2(c.K))
@@ -239,7 +239,7 @@ def _geometry(c: ChunkCall, config: KernelConfig) -> _Geom:
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
     s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
     keys_pass = walk_keys(c, split, BT, SBK, SBV)
-    fact = keys_pass and walk_factors(c)
+    fact = keys_pass and not backward and walk_factors(c, SBK, SBV)
     return _Geom(BT, BK, KB, -(-c.K // KB), BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
                  config.num_warps, config.num_stages, s_warps, s_stages, keys_pass and not fact, fact)
 
@@ -278,15 +278,21 @@ def walk_keys(c: ChunkCall, split: bool, BT: int, SBK: int, SBV: int) -> bool:
     return steps > KEYS_PASS_WALK or SBK * SBV > KEYS_PASS_TILE
 
 
-def walk_factors(c: ChunkCall) -> bool:
-    """Where the walks read a pass (walk_keys): whether it writes only the rows' decay factors, exp(B_last - B)
-    and exp(B) (fp32, BT a chunk and head), and the walks compute the maps themselves. The walk's time at B = 1
-    was its decay math, not its loads: scalar decay's walk without the keys pass took 537 us, 328 with its
-    cumulative sum, exponentials and state decay taken out (ablate-20261123-000124), against 316 reading the
-    keys pass, which moves 268 MB (k in, decayed k out) where the factors are 2 MB. For a decay that is not per
-    key, and maps that take no per-row scalar input: mamba2's walk without its decay math still took 513 us
-    (-000140), its softplus(dt + bias) * B on the step's path."""
-    return c.decay in ("scalar", "constant") and not c.row_maps
+def walk_factors(c: ChunkCall, SBK: int, SBV: int) -> bool:
+    """Where the forward's states walk reads a pass (walk_keys): whether the pass writes only the rows' decay
+    factors, exp(B_last - B) (fp32, BT a chunk and head), and the walk computes the maps itself (FACT). At B = 1
+    the walk's time was its decay math, not its loads: scalar decay's walk without the keys pass took 537 us,
+    328 with its cumulative sum, exponentials and state decay taken out (ablate-20261123-000124), 316 reading
+    the keys pass, which moves 268 MB (k in, decayed k out) where the factors are 2 MB. Measured with the
+    factors (keyblock_bench-20261123-004224 against -004355, B = 1, T = 32768, K = V = 128, 32 x 32 walks): the
+    forward 0.698 -> 0.672 ms, the walk 316 -> 372 us and the pass 87 -> 8. Not taken:
+    * in the backward, whose keys pass serves the dstates walk too: fwd+bwd 2.671 -> 2.693 (-004410, -004244);
+    * in state tiles over KEYS_PASS_TILE: at K = V = 256 (64 x 256 walks) the forward 1.519 -> 1.601 ms
+      (-004427, -004304), the walk 596 -> 841 us;
+    * for per-key decays, whose factors are as large as the keys;
+    * for maps that read a per-row scalar input: mamba2's walk without its decay math still took 513 us
+      (-000140), its softplus(dt + bias) * B on the step's path."""
+    return c.decay in ("scalar", "constant") and not c.row_maps and SBK * SBV <= KEYS_PASS_TILE
 
 
 def out_key_blocks(c: ChunkCall, g: _Geom) -> bool:
@@ -342,7 +348,7 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
     zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (store_final and c.normalize) else d
     kd = dl = qe = d
     if (g.pre or g.fact) and g.NC_total * H > 0:
-        if g.fact:      # the rows' decay factors only
+        if g.fact:      # the rows' decay factors only (the forward)
             kd = torch.empty(g.NC_total, H, g.BT, dtype=torch.float32, device=dev)
         else:
             kd = torch.empty(g.NC_total, H, K, g.BT, dtype=_state_dtype(c.dtype), device=dev)
@@ -434,7 +440,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
                  dz_T: Optional[torch.Tensor]) -> dict:
     """Feature gradients: dict with dfq, dfk, dfv, dfa, dw, dS0, dz0 (fp32; dfq, dfk, dfv in
     c.dfeature_dtypes)."""
-    g = _geometry(c, config)
+    g = _geometry(c, config, backward=True)
     B, T, H, K, V, N = c.B, c.T, c.H, c.K, c.V, c.N
     dev, d = c.device, _dummy(c)
     f32 = dict(dtype=torch.float32, device=dev)
@@ -475,7 +481,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             c.T, c.scale,
             H=H, K=K, V=V, BT=g.BT, BK=g.SBK, BV=g.SBV,
             USE_DST=use_dst, VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, PRE=g.pre,
-            FACT=g.fact, STORE_DS0=store_ds0, **_launch_opts(g, _interpret(c), states=True),
+            STORE_DS0=store_ds0, **_launch_opts(g, _interpret(c), states=True),
         )
     del qe, dl      # the dstates walk's inputs only: freed before the backward kernel's allocations
 

@@ -68,10 +68,10 @@ def test_forced_walk_sets_the_walk_and_restores_the_rule():
     class C:    # the fields the rule reads
         decay, normalize = "scalar", False
     with forced_walk("factors"):
-        assert chunk_path.walk_keys(C, True, 64, 32, 32) and chunk_path.walk_factors(C)
+        assert chunk_path.walk_keys(C, True, 64, 32, 32) and chunk_path.walk_factors(C, 32, 32)
         assert not chunk_path.walk_keys(C, False, 64, 32, 32)      # only split walks read a pass
     with forced_walk("keys"):
-        assert chunk_path.walk_keys(C, True, 64, 32, 32) and not chunk_path.walk_factors(C)
+        assert chunk_path.walk_keys(C, True, 64, 32, 32) and not chunk_path.walk_factors(C, 32, 32)
     with forced_walk("step"):
         assert not chunk_path.walk_keys(C, True, 64, 32, 32)
     assert (chunk_path.walk_keys, chunk_path.walk_factors) == real

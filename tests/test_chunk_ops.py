@@ -132,8 +132,8 @@ def test_key_block_outputs_with_a_bonus(inclusive):
 @pytest.mark.parametrize("name", ["gla", "rwkv6", "mamba2", "retnet", "griffin", "scalar_decay"])
 def test_states_walk_with_and_without_the_keys_pass(name, walk, monkeypatch):
     """Split states and dstates walks read the decayed keys, q * exp(B) and chunk decays of chunk_keys_kernel
-    (PRE), or only its decay factors and compute the maps (FACT; a decay that is not per key), or compute all
-    at every step, their per-row scalar inputs (mamba2's dt, griffin's gates) loaded a chunk ahead: per-key,
+    (PRE), or (the forward's states walk, a decay that is not per key) only its decay factors, computing the
+    maps (FACT), or compute all at every step, their per-row scalar inputs (mamba2's dt, griffin's gates) loaded a chunk ahead: per-key,
     scalar and constant decays, exclusive with a bonus, grouped inputs, three key blocks (the last masked),
     varlen with an empty sequence; values and gradients, both against the reference."""
     mixer = SCALAR_DECAY if name == "scalar_decay" else zoo.ALL[name]
@@ -142,7 +142,7 @@ def test_states_walk_with_and_without_the_keys_pass(name, walk, monkeypatch):
     monkeypatch.setattr(chunk_path, "KEYS_PASS_WALK", 0)     # these walks are short; the rule on length is tested apart
     monkeypatch.setattr(chunk_path, "walk_keys",
                         lambda c, split, *tiles: decided.append(real(c, split, *tiles)) or (walk != "step" and decided[-1]))
-    monkeypatch.setattr(chunk_path, "walk_factors", lambda c: walk == "factors" and c.decay != "key")
+    monkeypatch.setattr(chunk_path, "walk_factors", lambda c, *tiles: walk == "factors" and c.decay != "key")
     cu = torch.tensor([0, 7, 7, 23, 40], dtype=torch.int32)
     check(mixer, "two_pass", B=1, K=40, V=36, BK=16, cu_seqlens=cu)
     assert decided and all(decided)     # split at these sizes, and a decay that the keys pass serves
@@ -153,15 +153,16 @@ SCALAR_DECAY = Mixer("scalar_decay", fq=zoo.q, fk=zoo.k, fv=zoo.v, fa=logsigmoid
 
 
 def test_walk_factors_for_a_decay_per_row_or_constant_whose_maps_read_no_row_input():
-    def factors(mixer):
+    def factors(mixer, tile=(32, 32)):
         plan = mf.compile(mixer).plan
         c = chunk_path.ChunkCall(None, [], 1, 8, 2, 8, 8, 1, 1.0, plan.decay, plan.inclusive, plan.normalize,
                                  plan.bonus, None, None, None, False, torch.float32, torch.device("cpu"),
                                  row_maps=chunk_path.row_maps(plan))
-        return chunk_path.walk_factors(c)
+        return chunk_path.walk_factors(c, *tile)
     assert factors(SCALAR_DECAY) and factors(zoo.retnet)
-    assert not factors(zoo.mamba2)        # fk = B * softplus(dt + bias): the maps read a row input
-    assert not factors(zoo.gla)           # per key
+    assert not factors(zoo.mamba2)                    # fk = B * softplus(dt + bias): the maps read a row input
+    assert not factors(zoo.gla)                       # per key
+    assert not factors(SCALAR_DECAY, (64, 256))       # state tiles over KEYS_PASS_TILE keep the keys pass
 
 
 @pytest.mark.parametrize("pre", [True, False])
