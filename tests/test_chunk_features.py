@@ -124,7 +124,7 @@ def _key_blocks_used(monkeypatch) -> list:
     from mixforge.codegen import chunk as chunk_path
 
     seen, real = [], chunk_path._geometry
-    monkeypatch.setattr(chunk_path, "_geometry", lambda c, config: seen.append(real(c, config)) or seen[-1])
+    monkeypatch.setattr(chunk_path, "_geometry", lambda c, config, **kw: seen.append(real(c, config, **kw)) or seen[-1])
     return seen
 
 
