@@ -76,7 +76,7 @@ BACKWARD = ("chunk_dstates_kernel",)
 #: the walks that compute their maps only without the keys pass (codegen.chunk.walk_keys), which is off for them
 WALKS = ("chunk_states_kernel", "chunk_dstates_kernel")
 #: variants that reorder or move work without changing the output
-SAME_OUTPUT = ("current_first", "one_accumulator", "in_step")
+SAME_OUTPUT = ("current_first", "one_accumulator", "in_step", "tiles_ahead", "tiles_to_dot")
 
 
 def _one_acc(S):
@@ -118,16 +118,56 @@ ABLATIONS = {
     },
     "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
 }
+#: linear attention's states walk (no decay, maps the identity): its k and v tiles, loaded in the step that uses
+#: them and passed through the maps' masks, are not software-pipelined (benchmarks/NOTES.md, eleventh session)
+ABLATIONS["chunk_states_kernel/tiles"] = {
+    "baseline": [],
+    "tiles_ahead": lambda body: _tiles_ahead(body),
+    "tiles_to_dot": lambda body: _tiles_to_dot(body),
+}
 
 
-def patch_kernel(source: str, kernel: str, edits: list[tuple[str, str]]) -> str:
+def _tile_loads(body: str) -> tuple[str, str, str]:
+    """The step's k and v tile loads of a walk over the identity maps (linear attention): their tile names."""
+    m = re.search(r"^ +(r\d+)_k = tl\.load\(x_k .*$", body, flags=re.M)
+    if m is None:
+        raise SystemExit("ablate: no k tile load in the walk (the tiles variants take linear attention)")
+    return m.group(1), m.group(0), re.search(rf"^ +{m.group(1)}_v = tl\.load\(x_v .*$", body, flags=re.M).group(0)
+
+
+def _tiles_ahead(body: str) -> list[tuple[str, str]]:
+    """k and v of the next chunk loaded during this chunk's step, raw, in registers (same output)."""
+    r, load_k, load_v = _tile_loads(body)
+    ind = " " * (len(load_k) - len(load_k.lstrip()))
+    at = lambda rows, m, n, off: (f"tl.load(x_{n} + (({rows}).to(tl.int64)[:, None] * H + i_h) * {'K' if n == 'k' else 'V'}"  # noqa: E731
+                                  f" + {off}[None, :], mask=({m})[:, None] & m_{'k' if n == 'k' else 'v'}[None, :], other=0.0)")
+    first = (f"    ak_k = {at('bos + o_t', 'o_t < T_n', 'k', 'o_k')}\n"
+             f"    ak_v = {at('bos + o_t', 'o_t < T_n', 'v', 'o_v')}\n")
+    step = (f"{ind}{r}_k = ak_k.to(tl.float32)\n{ind}{r}_v = ak_v.to(tl.float32)\n"
+            f"{ind}ak_k = {at('rows + BT', 'pos + BT < T_n', 'k', 'o_k')}\n"
+            f"{ind}ak_v = {at('rows + BT', 'pos + BT < T_n', 'v', 'o_v')}")
+    return [("    n_chunks = tl.cdiv(L_n, BT)\n", "    n_chunks = tl.cdiv(L_n, BT)\n" + first),
+            (load_k + "\n" + load_v, step)]
+
+
+def _tiles_to_dot(body: str) -> list[tuple[str, str]]:
+    """The loaded k and v tiles straight into the dot, in their own dtype (the masks of the loads already zero
+    the rows outside; same output), where the pipeliner can take them."""
+    r, load_k, load_v = _tile_loads(body)
+    return [(load_k, load_k.replace(".to(tl.float32)", "")), (load_v, load_v.replace(".to(tl.float32)", "")),
+            ("b_S = b_S + tl.dot((tl.trans(b_kd)).to(DOT_DT), (b_fv).to(DOT_DT), input_precision=PREC)",
+             f"b_S = b_S + tl.dot(tl.trans({r}_k), {r}_v, input_precision=PREC)")]
+
+
+def patch_kernel(source: str, kernel: str, edits) -> str:
     """source with each (old, new) replaced inside `def kernel(` up to the next @triton.jit; every old must be
-    there (a template edit that moves a line fails here, not silently as an unchanged variant)."""
+    there (a template edit that moves a line fails here, not silently as an unchanged variant). `edits` may
+    also be a function of the kernel's source that returns those pairs (for names the render numbers)."""
     m = re.search(rf"^def {kernel}\(.*?(?=^@triton\.jit|\Z)", source, flags=re.S | re.M)
     if m is None:
         raise SystemExit(f"ablate: no kernel {kernel} in the rendered module")
     body = m.group(0)
-    for old, new in edits:
+    for old, new in (edits(body) if callable(edits) else edits):
         if old not in body:
             raise SystemExit(f"ablate: {old!r} is not in {kernel}")
         body = body.replace(old, new)
@@ -154,7 +194,8 @@ def main(argv=None) -> int:
     case = next(c for c in CASES if c.name == args.mixer)
     variants = ABLATIONS[args.kernel]
     config = None
-    cfg_str = args.config or (DEFAULT_CONFIG[args.kernel][args.smoke] if args.kernel in DEFAULT_CONFIG else None)
+    kernel = args.kernel.split("/")[0]     # a kernel, or kernel/set for another set of its variants
+    cfg_str = args.config or (DEFAULT_CONFIG[kernel][args.smoke] if kernel in DEFAULT_CONFIG else None)
     if cfg_str:
         from benchmarks.chunk_bench import cfg_of
         config = cfg_of(cfg_str)
@@ -165,7 +206,7 @@ def main(argv=None) -> int:
     res = Results(args.out, "ablate", gpu=not args.smoke, mixer=args.mixer, kernel=args.kernel, config=cfg_str,
                   shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=str(dtype)))
     # the walks compute their own maps (see the docstring)
-    with keys_pass_off(args.kernel in WALKS):
+    with keys_pass_off(kernel in WALKS):
         _run_variants(args, case, variants, config, x, res)
     print(f"wrote {res.path}")
     return 0
@@ -179,7 +220,8 @@ def _run_variants(args, case, variants, config, x, res) -> None:
     from mixforge.codegen import emit
     from mixforge.codegen import ops as ops_mod
 
-    backward = args.kernel in BACKWARD
+    kernel = args.kernel.split("/")[0]
+    backward = kernel in BACKWARD
     leaves = [t for t in x.values() if t.is_floating_point()]
     base, dy = None, None
     real, real_ahead = ops_mod.render_module, vars(emit.Emitter)["_loads_ahead"]   # the staticmethod itself
@@ -188,7 +230,7 @@ def _run_variants(args, case, variants, config, x, res) -> None:
         if edits is IN_STEP:
             emit.Emitter._loads_ahead = staticmethod(lambda o: False)
         else:
-            ops_mod.render_module = lambda plan, edits=edits: patch_kernel(real(plan), args.kernel, edits)
+            ops_mod.render_module = lambda plan, edits=edits: patch_kernel(real(plan), kernel, edits)
         try:
             ops = mf.compile(case.mixer)
         finally:
@@ -216,7 +258,7 @@ def _run_variants(args, case, variants, config, x, res) -> None:
         else:
             row["fwd_bwd_ms" if backward else "fwd_ms"] = bench(timed)
             row["profile_us"] = kernel_profile(timed)
-            row["kernel_us"] = sum(us for k, us, _ in row["profile_us"] if args.kernel in k)
+            row["kernel_us"] = sum(us for k, us, _ in row["profile_us"] if kernel in k)
         res.add(row, hide=("profile_us",))
 
 

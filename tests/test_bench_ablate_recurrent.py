@@ -20,7 +20,8 @@ def _rows(tmp_path, prefix):
 @pytest.mark.parametrize("mixer,kernel", [("scalar_decay", "chunk_fwd_kernel"),
                                           ("gla_recurrent", "recurrent_fwd_kernel"),
                                           ("mamba2", "chunk_states_kernel"),
-                                          ("mamba2", "chunk_dstates_kernel")])
+                                          ("mamba2", "chunk_dstates_kernel"),
+                                          ("linear_attention", "chunk_states_kernel/tiles")])
 def test_every_ablation_edits_the_kernel_it_names(tmp_path, mixer, kernel):
     assert ablate.main(["--smoke", "--out", str(tmp_path), "--mixer", mixer, "--kernel", kernel]) == 0
     rows = {r["variant"]: r["rel_to_baseline"] for r in _rows(tmp_path, "ablate")}
