@@ -118,13 +118,6 @@ ABLATIONS = {
     },
     "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
 }
-#: linear attention's states walk (no decay, maps the identity): its k and v tiles, loaded in the step that uses
-#: them and passed through the maps' masks, are not software-pipelined (benchmarks/NOTES.md, eleventh session)
-ABLATIONS["chunk_states_kernel/tiles"] = {
-    "baseline": [],
-    "tiles_ahead": lambda body: _tiles_ahead(body),
-    "tiles_to_dot": lambda body: _tiles_to_dot(body),
-}
 
 
 def _tile_loads(body: str) -> tuple[str, str, str]:
@@ -139,13 +132,16 @@ def _tiles_ahead(body: str) -> list[tuple[str, str]]:
     """k and v of the next chunk loaded during this chunk's step, raw, in registers (same output)."""
     r, load_k, load_v = _tile_loads(body)
     ind = " " * (len(load_k) - len(load_k.lstrip()))
-    at = lambda rows, m, n, off: (f"tl.load(x_{n} + (({rows}).to(tl.int64)[:, None] * H + i_h) * {'K' if n == 'k' else 'V'}"  # noqa: E731
-                                  f" + {off}[None, :], mask=({m})[:, None] & m_{'k' if n == 'k' else 'v'}[None, :], other=0.0)")
-    first = (f"    ak_k = {at('bos + o_t', 'o_t < T_n', 'k', 'o_k')}\n"
-             f"    ak_v = {at('bos + o_t', 'o_t < T_n', 'v', 'o_v')}\n")
+
+    def at(rows, m, n):     # the raw tile of input n (k or v) at rows, masked by m
+        dim, side = ("K", "k") if n == "k" else ("V", "v")
+        return (f"tl.load(x_{n} + (({rows}).to(tl.int64)[:, None] * H + i_h) * {dim} + o_{side}[None, :], "
+                f"mask=({m})[:, None] & m_{side}[None, :], other=0.0)")
+    first = (f"    ak_k = {at('bos + o_t', 'o_t < T_n', 'k')}\n"
+             f"    ak_v = {at('bos + o_t', 'o_t < T_n', 'v')}\n")
     step = (f"{ind}{r}_k = ak_k.to(tl.float32)\n{ind}{r}_v = ak_v.to(tl.float32)\n"
-            f"{ind}ak_k = {at('rows + BT', 'pos + BT < T_n', 'k', 'o_k')}\n"
-            f"{ind}ak_v = {at('rows + BT', 'pos + BT < T_n', 'v', 'o_v')}")
+            f"{ind}ak_k = {at('rows + BT', 'pos + BT < T_n', 'k')}\n"
+            f"{ind}ak_v = {at('rows + BT', 'pos + BT < T_n', 'v')}")
     return [("    n_chunks = tl.cdiv(L_n, BT)\n", "    n_chunks = tl.cdiv(L_n, BT)\n" + first),
             (load_k + "\n" + load_v, step)]
 
@@ -157,6 +153,15 @@ def _tiles_to_dot(body: str) -> list[tuple[str, str]]:
     return [(load_k, load_k.replace(".to(tl.float32)", "")), (load_v, load_v.replace(".to(tl.float32)", "")),
             ("b_S = b_S + tl.dot((tl.trans(b_kd)).to(DOT_DT), (b_fv).to(DOT_DT), input_precision=PREC)",
              f"b_S = b_S + tl.dot(tl.trans({r}_k), {r}_v, input_precision=PREC)")]
+
+
+#: linear attention's states walk (no decay, maps the identity): its k and v tiles, loaded in the step that uses
+#: them and passed through the maps' masks, are not software-pipelined (benchmarks/NOTES.md, eleventh session)
+ABLATIONS["chunk_states_kernel/tiles"] = {
+    "baseline": [],
+    "tiles_ahead": _tiles_ahead,
+    "tiles_to_dot": _tiles_to_dot,
+}
 
 
 def patch_kernel(source: str, kernel: str, edits) -> str:

@@ -41,18 +41,10 @@ def mixers():
     return {"linear_attention": LINEAR, "scalar_decay": SCALAR_DECAY, "gla": GLA_CORE, "mamba2": MAMBA2}
 
 
-@contextlib.contextmanager
 def keys_pass_off(off: bool = True):
     """Within it (where `off`), the split states walks compute their decayed keys at every step instead of
-    reading the keys pass's (codegen.chunk.walk_keys off): what the keys pass is worth. Restored after."""
-    from mixforge.codegen import chunk as chunk_path
-    real = chunk_path.walk_keys
-    if off:
-        chunk_path.walk_keys = lambda c, split, *tiles: False
-    try:
-        yield
-    finally:
-        chunk_path.walk_keys = real
+    reading the keys pass's (forced_walk("step")): what the keys pass is worth. Restored after."""
+    return forced_walk("step" if off else "rule")
 
 
 @contextlib.contextmanager
