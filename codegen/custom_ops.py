@@ -16,6 +16,11 @@ needs. `register_fake` gives shapes for tracing; `register_autograd` makes
 the forward differentiable with mixer_bwd, path-agnostic:
 
     epilogue backward (dy -> do, dfg) -> path backward (-> FeatureGrads) -> chain rule (-> raw grads)
+
+`call` is what ops calls. It takes the ops only while torch.compile traces; in
+eager mode it runs their bodies through an autograd.Function (`_EagerCall`),
+since the dispatch layers of a torch.library op cost the host more per call
+than the kernels' launches do.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..spec.mixer import Mixer
 from ..spec.shapes import CallShapes
@@ -113,11 +119,11 @@ def _given(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 # ---------------------------------------------------------------------------- forward
 
-@torch.library.custom_op("mixforge::mixer_fwd", mutates_args=())
-def mixer_fwd(key: str, path: str, config: str, bwd_config: str, tensors: list[torch.Tensor],
-              S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-              positions: Optional[torch.Tensor], scale: float, output_final_state: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_impl(key: str, path: str, config: str, tensors: list[torch.Tensor], S0: Optional[torch.Tensor],
+                 z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                 scale: float, output_final_state: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixer_fwd's body: (y, o, S_T, z_T)."""
     c = compiled(key)
     ctx = make_context(c, tensors, S0, z0, cu_seqlens, positions, scale, output_final_state)
     core = path_module(path).forward(ctx, parse_config(config))
@@ -126,6 +132,14 @@ def mixer_fwd(key: str, path: str, config: str, bwd_config: str, tensors: list[t
     return (y, core.o if c.plan.has_epilogue else _empty(first),
             core.S_T if core.S_T is not None else _empty(first),
             core.z_T if core.z_T is not None else _empty(first))
+
+
+@torch.library.custom_op("mixforge::mixer_fwd", mutates_args=())
+def mixer_fwd(key: str, path: str, config: str, bwd_config: str, tensors: list[torch.Tensor],
+              S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+              positions: Optional[torch.Tensor], scale: float, output_final_state: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward_impl(key, path, config, tensors, S0, z0, cu_seqlens, positions, scale, output_final_state)
 
 
 @mixer_fwd.register_fake
@@ -143,11 +157,11 @@ def _(key, path, config, bwd_config, tensors, S0, z0, cu_seqlens, positions, sca
 
 # ---------------------------------------------------------------------------- backward
 
-@torch.library.custom_op("mixforge::mixer_bwd", mutates_args=())
-def mixer_bwd(key: str, path: str, config: str, tensors: list[torch.Tensor], S0: Optional[torch.Tensor],
-              z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-              scale: float, o: torch.Tensor, dy: Optional[torch.Tensor], dS_T: Optional[torch.Tensor],
-              dz_T: Optional[torch.Tensor]) -> list[torch.Tensor]:
+def backward_impl(key: str, path: str, config: str, tensors: list[torch.Tensor], S0: Optional[torch.Tensor],
+                  z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                  scale: float, o: torch.Tensor, dy: Optional[torch.Tensor], dS_T: Optional[torch.Tensor],
+                  dz_T: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """mixer_bwd's body: [d tensor for each tensor] + [dS0, dz0] (empty where absent)."""
     c = compiled(key)
     ctx = make_context(c, tensors, S0, z0, cu_seqlens, positions, scale, False)
     sh = ctx.shapes
@@ -165,6 +179,14 @@ def mixer_bwd(key: str, path: str, config: str, tensors: list[torch.Tensor], S0:
         fg.dS0 if fg.dS0 is not None else _empty(first), fg.dz0 if fg.dz0 is not None else _empty(first)]
 
 
+@torch.library.custom_op("mixforge::mixer_bwd", mutates_args=())
+def mixer_bwd(key: str, path: str, config: str, tensors: list[torch.Tensor], S0: Optional[torch.Tensor],
+              z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+              scale: float, o: torch.Tensor, dy: Optional[torch.Tensor], dS_T: Optional[torch.Tensor],
+              dz_T: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    return backward_impl(key, path, config, tensors, S0, z0, cu_seqlens, positions, scale, o, dy, dS_T, dz_T)
+
+
 @mixer_bwd.register_fake
 def _(key, path, config, tensors, S0, z0, cu_seqlens, positions, scale, o, dy, dS_T, dz_T):
     first = tensors[0]
@@ -173,21 +195,71 @@ def _(key, path, config, tensors, S0, z0, cu_seqlens, positions, scale, o, dy, d
         torch.empty_like(z0) if z0 is not None else _empty(first)]
 
 
-def _setup_context(ctx, inputs, output):
-    key, path, config, bwd_config, tensors, S0, z0, cu_seqlens, positions, scale, output_final_state = inputs
+def _save(ctx, key, path, bwd_config, scale, tensors, S0, z0, cu_seqlens, positions, o) -> None:
     ctx.key, ctx.path, ctx.config, ctx.scale, ctx.n = key, path, bwd_config, scale, len(tensors)
-    ctx.save_for_backward(*tensors, S0, z0, cu_seqlens, positions, output[1])
+    ctx.save_for_backward(*tensors, S0, z0, cu_seqlens, positions, o)
 
 
-def _backward(ctx, dy, do_unused, dS_T, dz_T):
+def _saved_backward(ctx, run_bwd, dy, dS_T, dz_T):
+    """(d tensors, dS0, dz0) from what _save kept, by run_bwd (mixer_bwd or its body)."""
     saved = ctx.saved_tensors
     n = ctx.n
     tensors, (S0, z0, cu_seqlens, positions, o) = list(saved[:n]), saved[n:]
-    out = torch.ops.mixforge.mixer_bwd(ctx.key, ctx.path, ctx.config, tensors, S0, z0, cu_seqlens, positions,
-                                       ctx.scale, o, dy, _given(dS_T), _given(dz_T))
-    dS0 = out[n] if S0 is not None else None
-    dz0 = out[n + 1] if z0 is not None else None
-    return None, None, None, None, list(out[:n]), dS0, dz0, None, None, None, None
+    out = run_bwd(ctx.key, ctx.path, ctx.config, tensors, S0, z0, cu_seqlens, positions, ctx.scale, o, dy,
+                  _given(dS_T), _given(dz_T))
+    return list(out[:n]), (out[n] if S0 is not None else None), (out[n + 1] if z0 is not None else None)
+
+
+def _setup_context(ctx, inputs, output):
+    key, path, config, bwd_config, tensors, S0, z0, cu_seqlens, positions, scale, output_final_state = inputs
+    _save(ctx, key, path, bwd_config, scale, tensors, S0, z0, cu_seqlens, positions, output[1])
+
+
+def _backward(ctx, dy, do_unused, dS_T, dz_T):
+    dx, dS0, dz0 = _saved_backward(ctx, torch.ops.mixforge.mixer_bwd, dy, dS_T, dz_T)
+    return None, None, None, None, dx, dS0, dz0, None, None, None, None
 
 
 mixer_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- the eager call
+
+class _EagerCall(torch.autograd.Function):
+    """mixer_fwd with its registered autograd, without torch.library's dispatch: the same bodies, saved
+    tensors and backward. The op's Python layers (schema defaults, pytree flattening of inputs and
+    gradients, the aliasing check, the dynamo guard around each body) run on the host per call."""
+
+    @staticmethod
+    def forward(ctx, key, path, config, bwd_config, S0, z0, cu_seqlens, positions, scale, output_final_state,
+                *tensors):
+        y, o, S_T, z_T = forward_impl(key, path, config, list(tensors), S0, z0, cu_seqlens, positions, scale,
+                                      output_final_state)
+        _save(ctx, key, path, bwd_config, scale, tensors, S0, z0, cu_seqlens, positions, o)
+        ctx.mark_non_differentiable(o)
+        # an unused output's gradient arrives as None, not as zeros to read (the final state's is
+        # [N, H, K, V] fp32)
+        ctx.set_materialize_grads(False)
+        return y, o, S_T, z_T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, do_unused, dS_T, dz_T):
+        dx, dS0, dz0 = _saved_backward(ctx, backward_impl, dy, dS_T, dz_T)
+        return (None, None, None, None, dS0, dz0, None, None, None, None, *dx)
+
+
+def call(key: str, path: str, config: str, bwd_config: str, tensors: list[torch.Tensor],
+         S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+         positions: Optional[torch.Tensor], scale: float, output_final_state: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixer_fwd's (y, o, S_T, z_T), differentiable: the custom op while torch.compile traces (one opaque
+    node), the same bodies through an autograd.Function in eager mode, and the forward alone where no
+    gradient is wanted."""
+    args = (key, path, config, bwd_config)
+    rest = (cu_seqlens, positions, scale, output_final_state)
+    if torch.compiler.is_compiling():
+        return torch.ops.mixforge.mixer_fwd(*args, tensors, S0, z0, *rest)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, S0, z0)):
+        return _EagerCall.apply(*args, S0, z0, *rest, *tensors)
+    return forward_impl(key, path, config, tensors, S0, z0, *rest)

@@ -10,9 +10,10 @@
 Every call is validated by `spec.shapes.resolve_call` before any kernel runs.
 Inputs are made contiguous (any strides are accepted); fp32, fp16 and bf16
 inputs give outputs in that dtype; states are fp32 [N, H, K, V] (a pair with
-z [N, H, K] for normalize mixers). The forward and backward run as the
+z [N, H, K] for normalize mixers). The forward and backward are the
 torch.library custom ops of custom_ops.py, so gradients reach every Input,
-Param and the initial state, and torch.compile traces a call as one node.
+Param and the initial state, and torch.compile traces a call as one node; in
+eager mode their bodies run without the op dispatch (custom_ops.call).
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ class MixerOps:
         fwd = config or self.config(f"{path}_fwd", shapes)
         bwd = config or self.config(f"{path}_bwd", shapes)
         xs = [tensors[n].contiguous() for n in self.plan.operand_names]
-        y, _, S_T, z_T = torch.ops.mixforge.mixer_fwd(
+        y, _, S_T, z_T = custom_ops.call(
             self.key, path, custom_ops.config_key(fwd), custom_ops.config_key(bwd), xs, S0, z0, cu, positions,
             scale, bool(output_final_state))
         if not output_final_state:

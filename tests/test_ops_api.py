@@ -184,3 +184,62 @@ def test_chunk_falls_back_to_the_recurrent_path_with_one_warning(monkeypatch):
         y2, _ = ops.chunk(**x)
     torch.testing.assert_close(y, ops.recurrent(**x)[0])
     torch.testing.assert_close(y, y2)
+
+
+def _grads_by(run, x: dict, S0: torch.Tensor, dy: torch.Tensor) -> tuple:
+    """y and the gradients of <y, dy> in every input and S0, for a function (x, S0) -> (y, S_T)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+    S = S0.detach().clone().requires_grad_(True)
+    y, _ = run(leaves, S)
+    y.backward(dy)
+    return (y.detach(), S.grad, *(leaves[k].grad for k in x))
+
+
+def test_eager_calls_run_the_custom_ops_bodies():
+    """In eager mode a call runs mixer_fwd's and mixer_bwd's bodies through an autograd.Function, not the
+    ops' dispatch (whose Python layers cost the host more than the kernels' launches): bitwise the same
+    outputs and gradients as the ops themselves, an unused final state's gradient arriving as None (not as
+    zeros to read), and no second derivative that would be silently wrong."""
+    from mixforge.codegen import chunk as chunk_path
+
+    mixer, ops = mf.zoo.gla, ops_for("gla")
+    x = random_inputs(mixer, B=2, T=21, H=2, K=8, V=4, seed=37)
+    S0 = torch.randn(2, 2, 8, 4)
+    dy = torch.randn(2, 21, 2, 4)
+    cfg = custom_ops.config_key(KernelConfig(chunk=16, sub_chunk=16, BV=16))
+
+    def by_op(leaves, S):
+        y, _, S_T, _ = torch.ops.mixforge.mixer_fwd(ops.key, "chunk", cfg, cfg, [leaves[n] for n in
+                                                    ops.plan.operand_names], S, None, None, None, 0.5, True)
+        return y, S_T
+
+    def eager(leaves, S):
+        y, _, S_T, _ = custom_ops.call(ops.key, "chunk", cfg, cfg, [leaves[n] for n in ops.plan.operand_names], S,
+                                       None, None, None, 0.5, True)
+        assert type(y.grad_fn).__name__ == "_EagerCallBackward"
+        return y, S_T
+
+    seen = []
+    real = chunk_path.run_backward
+
+    def spy(c, config, do, dS_T, dz_T):
+        seen.append(dS_T)
+        return real(c, config, do, dS_T, dz_T)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunk_path, "run_backward", spy)
+        want, got = _grads_by(by_op, x, S0, dy), _grads_by(eager, x, S0, dy)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    assert seen[-1] is None, "an unused final state's gradient reached the backward as a tensor"
+
+    with torch.no_grad():
+        y, *_ = custom_ops.call(ops.key, "chunk", cfg, cfg, [x[n] for n in ops.plan.operand_names], S0, None,
+                                None, None, 0.5, False)
+    assert y.grad_fn is None and torch.equal(y, got[0])
+
+    q = x["q"].detach().clone().requires_grad_(True)
+    y, _ = ops.chunk(**dict(x, q=q), config=KernelConfig(chunk=16, sub_chunk=16, BV=16))
+    (dq,) = torch.autograd.grad(y.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
