@@ -104,7 +104,7 @@ def sweep_states(name, B, T, H, K, V, sweep="all"):
     g0 = cp._geometry(call, cfg)
     out = {}
     ref = None
-    for bk, bv, w, st in (SMALL_SWEEP if sweep == "small" else STATE_SWEEP):
+    for bk, bv, w, st in {"small": SMALL_SWEEP, "stages": STAGES_SWEEP}.get(sweep, STATE_SWEEP):
         if DRY:
             bk, bv = min(bk, 64), min(bv, 64)
         g = dataclasses.replace(g0, SBK=bk, SBV=bv, s_warps=w, s_stages=st)
@@ -120,23 +120,37 @@ SMALL_SWEEP = [(32, 32, 4, 3), (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 3), (
                (32, 32, 2, 3), (32, 32, 4, 4)]
 
 
+#: --sweep-states stages: deeper pipelines for the split walks (SPLIT_LAUNCH's stages), 32- and 64-wide tiles
+STAGES_SWEEP = [(32, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 5), (32, 32, 2, 4), (32, 64, 4, 4), (64, 32, 4, 4),
+                (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 4)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--mixers", default="linear_attention,scalar_decay,gla,mamba2")
     ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
-    ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small"), default=None,
-                    help="time the states kernel alone per STATE_SWEEP (all) or SMALL_SWEEP (small)")
+    ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small", "stages"), default=None,
+                    help="time the states kernel alone per STATE_SWEEP (all), SMALL_SWEEP (small) or STAGES_SWEEP")
     ap.add_argument("--forwards", default=None, help="labels of FORWARDS to time (default: all)")
     ap.add_argument("--no-bwd", action="store_true", help="forward variants only")
+    ap.add_argument("--split-launch", default=None,
+                    help="W,S: num_warps and num_stages of the split states walks for this run (chunk.SPLIT_LAUNCH "
+                         "and SPLIT_LAUNCH_NO_DECAY)")
     args = ap.parse_args(argv)
     import triton
 
     os.makedirs(args.out, exist_ok=True)
+    if args.split_launch:
+        from mixforge.codegen import chunk as cp
+
+        cp.SPLIT_LAUNCH = cp.SPLIT_LAUNCH_NO_DECAY = tuple(int(n) for n in args.split_launch.split(","))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"strategy_bench-{stamp}.json")
     res = {"device": device_label(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": []}
+    if args.split_launch:
+        res["split_launch"] = args.split_launch
     for name in args.mixers.split(","):
         for shp in args.shapes.split(";"):
             B, T, H = map(int, shp.split(","))

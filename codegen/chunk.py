@@ -132,13 +132,18 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
 #: keys first (a value split repeats each program's per-key work, the decay's cumulative sum and
 #: exponentials: gla's states kernel at B = 16 went 0.57 -> 0.78 ms from 128 to 64 values a program), at
 #: most MAX_STATE_TILE elements a program, until there is one program per SM, down to MIN_STATE_TILE keys
-#: and values, with 4 warps and 3 stages (the next chunk's loads overlap this one's: linear 0.53 -> 0.34
-#: ms, gla 2.86 -> 1.95 at B = 1). Measured on the H100 (strategy_bench-20261122-120722.json, the sweep of
+#: and values, with 4 warps and 3 stages (SPLIT_LAUNCH: the next chunk's loads overlap this one's: linear
+#: 0.53 -> 0.34 ms, gla 2.86 -> 1.95 at B = 1). Measured on the H100 (strategy_bench-20261122-120722.json, the sweep of
 #: the states kernel alone; compare-20261122-122907.json): splitting where there were already 128 programs
 #: (K = V = 64 at B*H = 128) or whole [256, 256] states made the backward slower.
 MIN_STATE_TILE = 32
 MAX_STATE_TILE = 128 * 128
 SPLIT_LAUNCH = (4, 3)      # num_warps, num_stages of split states
+#: ... of a mixer without a decay: its walk's step is two tile loads and a dot, and a fourth stage hides more
+#: of the loads. Linear attention at B = 1, T = 32768 (32 x 32 tiles): walk 343 -> 276 us, forward 0.633 ->
+#: 0.568 ms, backward 1.688 -> 1.618. With a decay on the step's path it gained nothing: scalar decay 387 ->
+#: 396 us, mamba2 388 -> 386, gla 862 -> 863 (strategy_bench-20261123-020442 and -020545/-020631).
+SPLIT_LAUNCH_NO_DECAY = (4, 4)
 
 
 def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int, bool]:
@@ -237,7 +242,8 @@ def _geometry(c: ChunkCall, config: KernelConfig, backward: bool = False) -> _Ge
         cseq = torch.repeat_interleave(torch.arange(c.N, device=c.device, dtype=torch.int32), nc)
     dot_dt, prec = _dot_types(c.dtype)
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
-    s_warps, s_stages = SPLIT_LAUNCH if split else (config.num_warps, config.num_stages)
+    split_launch = SPLIT_LAUNCH_NO_DECAY if c.decay == "none" else SPLIT_LAUNCH
+    s_warps, s_stages = split_launch if split else (config.num_warps, config.num_stages)
     keys_pass = walk_keys(c, split, BT, SBK, SBV)
     fact = keys_pass and not backward and walk_factors(c, SBK, SBV)
     return _Geom(BT, BK, KB, -(-c.K // KB), BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
