@@ -122,7 +122,7 @@ SMALL_SWEEP = [(32, 32, 4, 3), (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 3), (
 
 #: --sweep-states stages: deeper pipelines for the split walks (SPLIT_LAUNCH's stages), 32- and 64-wide tiles
 STAGES_SWEEP = [(32, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 5), (32, 32, 2, 4), (32, 64, 4, 4), (64, 32, 4, 4),
-                (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 4)]
+                (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 4), (32, 128, 4, 3), (32, 128, 4, 4)]
 
 
 def main(argv=None):

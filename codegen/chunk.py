@@ -139,11 +139,13 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
 MIN_STATE_TILE = 32
 MAX_STATE_TILE = 128 * 128
 SPLIT_LAUNCH = (4, 3)      # num_warps, num_stages of split states
-#: ... of a mixer without a decay: its walk's step is two tile loads and a dot, and a fourth stage hides more
-#: of the loads. Linear attention at B = 1, T = 32768 (32 x 32 tiles): walk 343 -> 276 us, forward 0.633 ->
-#: 0.568 ms, backward 1.688 -> 1.618. With a decay on the step's path it gained nothing: scalar decay 387 ->
-#: 396 us, mamba2 388 -> 386, gla 862 -> 863 (strategy_bench-20261123-020442 and -020545/-020631).
+#: ... of a mixer without a decay in tiles of at most DEEP_SPLIT_TILE: its walks' step is two tile loads and a
+#: dot, and a fourth stage hides more of the loads. Linear attention at B = 1, T = 32768 (32 x 32 tiles): states
+#: walk 343 -> 276 us, forward 0.633 -> 0.568 ms, backward 1.688 -> 1.618. With a decay on the step's path it
+#: gained nothing (scalar decay 387 -> 396 us, mamba2 388 -> 386, gla 862 -> 863; strategy_bench-20261123-020442,
+#: -020545, -020631). In the backward's 32 x 128 tiles at B = 4 it lost: 1.530 -> 1.620 ms (-022344, -022414).
 SPLIT_LAUNCH_NO_DECAY = (4, 4)
+DEEP_SPLIT_TILE = 32 * 32
 
 
 def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int, bool]:
@@ -242,7 +244,8 @@ def _geometry(c: ChunkCall, config: KernelConfig, backward: bool = False) -> _Ge
         cseq = torch.repeat_interleave(torch.arange(c.N, device=c.device, dtype=torch.int32), nc)
     dot_dt, prec = _dot_types(c.dtype)
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
-    split_launch = SPLIT_LAUNCH_NO_DECAY if c.decay == "none" else SPLIT_LAUNCH
+    deep = c.decay == "none" and SBK * SBV <= DEEP_SPLIT_TILE
+    split_launch = SPLIT_LAUNCH_NO_DECAY if deep else SPLIT_LAUNCH
     s_warps, s_stages = split_launch if split else (config.num_warps, config.num_stages)
     keys_pass = walk_keys(c, split, BT, SBK, SBV)
     fact = keys_pass and not backward and walk_factors(c, SBK, SBV)

@@ -210,19 +210,21 @@ def test_walk_keys_only_for_split_decaying_states_without_normalize():
     assert not keys("mamba2", T=64 * 256, cu=torch.tensor([0, 64 * 200, 64 * 256], dtype=torch.int32))  # 128
 
 
-def test_split_walks_pipeline_one_stage_deeper_without_a_decay():
+def test_split_walks_pipeline_one_stage_deeper_without_a_decay_in_small_tiles():
     """Few long sequences split the states walks (SPLIT_LAUNCH); a walk with no decay math on its step takes a
-    fourth stage. Sequences enough for whole-state walks keep the config's launch."""
-    def launch(mixer, B, T=4096, K=128):
+    fourth stage in tiles of at most DEEP_SPLIT_TILE. Sequences enough for whole-state walks keep the config's
+    launch."""
+    def launch(mixer, B, BV=64):
         ops = mf.compile(zoo.ALL[mixer])
-        c = chunk_path.ChunkCall(ops.module, [], B, T, 16, K, K, B, 1.0, ops.plan.decay, ops.plan.inclusive,
+        c = chunk_path.ChunkCall(ops.module, [], B, 4096, 16, 128, 128, B, 1.0, ops.plan.decay, ops.plan.inclusive,
                                  ops.plan.normalize, ops.plan.bonus, None, None, None, False, torch.bfloat16,
                                  torch.device("cpu"))
-        g = chunk_path._geometry(c, KernelConfig(chunk=64, sub_chunk=16, BV=64, num_warps=8, num_stages=1))
-        return g.s_warps, g.s_stages
-    assert launch("linear_attention", 1) == chunk_path.SPLIT_LAUNCH_NO_DECAY == (4, 4)
-    assert launch("retnet", 1) == launch("gla", 1) == chunk_path.SPLIT_LAUNCH == (4, 3)
-    assert launch("linear_attention", 16) == launch("retnet", 16) == (8, 1)
+        g = chunk_path._geometry(c, KernelConfig(chunk=64, sub_chunk=16, BV=BV, num_warps=8, num_stages=1))
+        return (g.SBK, g.SBV), (g.s_warps, g.s_stages)
+    assert launch("linear_attention", 1) == ((32, 32), chunk_path.SPLIT_LAUNCH_NO_DECAY) == ((32, 32), (4, 4))
+    assert launch("retnet", 1)[1] == launch("gla", 1)[1] == chunk_path.SPLIT_LAUNCH == (4, 3)
+    assert launch("linear_attention", 4, BV=128) == ((32, 128), (4, 3))
+    assert launch("linear_attention", 16)[1] == launch("retnet", 16)[1] == (8, 1)
 
 
 @pytest.mark.parametrize("name", ["gla", "cosformer"])
