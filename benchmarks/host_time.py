@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from mixforge.spec.reference import default_scale
+from mixforge.spec.testing import random_inputs
+
 from . import compare
 
 
@@ -87,12 +90,11 @@ def main(argv=None) -> int:
         ops = mf.compile(case.mixer)
         for (B, T, K, V) in compare._parse_shapes(args.shapes):
             H, dtype = 16, torch.bfloat16
-            x = compare.random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda",
-                                      seed=0)
+            x = random_inputs(case.mixer, B=B, T=T, H=H, K=K, V=V, G=case.G, dtype=dtype, device="cuda", seed=0)
             fn_ours = getattr(ops, case.path)
             sides = {"ours": lambda: fn_ours(**x)[0]}
             try:
-                sides["peer"] = case.make_peer(x, {"scale": compare.default_scale(case.mixer, K)})
+                sides["peer"] = case.make_peer(x, {"scale": default_scale(case.mixer, K)})
             except Exception as e:
                 print(f"[{case.name}] peer missing: {type(e).__name__}: {e}")
             for p in args.passes.split(","):

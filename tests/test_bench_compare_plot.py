@@ -151,3 +151,24 @@ def test_tune_cases_share_the_time_limit(monkeypatch):
     assert seen[-1][2] == ["chunk_fwd", "chunk_bwd"]
     compare.tune_cases(cases, shapes, trials=3, time_limit=None, passes=("fwd",))   # --tune-passes fwd
     assert seen[-1][2] == ["chunk_fwd"]
+
+
+def test_host_time_helpers_without_a_gpu(monkeypatch):
+    """benchmarks.host_time's host clock and profile, on a step that only runs Python (the GPU's
+    synchronization stubbed): the time per call and the profile of the step's own function."""
+    import time
+
+    import torch
+    from benchmarks import host_time
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def issue_one():
+        calls.append(1)
+        time.sleep(0.002)
+
+    us = host_time.host_us(issue_one, calls=5)
+    assert len(calls) == 6 and 2000 <= us < 50000
+    text = host_time.host_profile(issue_one, calls=3, top=5)
+    assert "issue_one" in text and len(calls) == 10
