@@ -45,6 +45,13 @@ is the two-pass forward with all of K:
 The same variant for the fused forward's walk (chunk_fwd_kernel, with a fused --config) and the dstates walk
 (chunk_dstates_kernel: the keys pass off, forward and backward timed, the default config two-pass with all of K).
 
+chunk_bwd_kernel (linear_attention). With all of K in one block it took 939 us at B = 4, T = 8192 before the
+backward's key blocks and 1030 after them (compare-bisect-20261123-0240-*); putting dv back before the dk
+accumulation gave 988. Of what the key blocks changed for NK = 1, this variant takes back the keys' offset:
+
+  keys_at_zero     o_k = 0 + arange(BK) instead of i_kb * BK + arange(BK), i_kb being program_id(1) = 0 (same
+                   output)
+
 The variants compute wrong outputs on purpose, except where they say "same output"; only their times mean
 something. Writes ablate-<stamp>.json with device, versions and date.
 """
@@ -72,11 +79,11 @@ IN_STEP = "render without load_ahead"
 DEFAULT_CONFIG = {"chunk_states_kernel": ("64,64,4,2,t", "16,16,4,1,t"),    # (GPU, --smoke)
                   "chunk_dstates_kernel": ("64,64,4,2,t", "16,16,4,1,t")}
 #: kernels of the backward: their variants are timed forward and backward
-BACKWARD = ("chunk_dstates_kernel",)
+BACKWARD = ("chunk_dstates_kernel", "chunk_bwd_kernel")
 #: the walks that compute their maps only without the keys pass (codegen.chunk.walk_keys), which is off for them
 WALKS = ("chunk_states_kernel", "chunk_dstates_kernel")
 #: variants that reorder or move work without changing the output
-SAME_OUTPUT = ("current_first", "one_accumulator", "in_step", "tiles_ahead", "tiles_to_dot")
+SAME_OUTPUT = ("current_first", "one_accumulator", "in_step", "tiles_ahead", "tiles_to_dot", "keys_at_zero")
 
 
 def _one_acc(S):
@@ -117,6 +124,10 @@ ABLATIONS = {
                           ("b_S = b_S * tl.exp(b_last)", "b_S = b_S")],
     },
     "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
+    # the backward kernel with all of K in one block (NK = 1): its keys start at the key block's program index
+    # (0 there), where the kernel before key blocks started them at 0 itself
+    "chunk_bwd_kernel": {"baseline": [],
+                         "keys_at_zero": [("o_k = i_kb * BK + tl.arange(0, BK)", "o_k = 0 + tl.arange(0, BK)")]},
 }
 
 

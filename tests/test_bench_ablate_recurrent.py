@@ -21,7 +21,8 @@ def _rows(tmp_path, prefix):
                                           ("gla_recurrent", "recurrent_fwd_kernel"),
                                           ("mamba2", "chunk_states_kernel"),
                                           ("mamba2", "chunk_dstates_kernel"),
-                                          ("linear_attention", "chunk_states_kernel/tiles")])
+                                          ("linear_attention", "chunk_states_kernel/tiles"),
+                                          ("linear_attention", "chunk_bwd_kernel")])
 def test_every_ablation_edits_the_kernel_it_names(tmp_path, mixer, kernel):
     assert ablate.main(["--smoke", "--out", str(tmp_path), "--mixer", mixer, "--kernel", kernel]) == 0
     rows = {r["variant"]: r["rel_to_baseline"] for r in _rows(tmp_path, "ablate")}
