@@ -47,10 +47,10 @@ The same variant for the fused forward's walk (chunk_fwd_kernel, with a fused --
 
 chunk_bwd_kernel (linear_attention). With all of K in one block it took 939 us at B = 4, T = 8192 before the
 backward's key blocks and 1030 after them (compare-bisect-20261123-0240-*); putting dv back before the dk
-accumulation gave 988. Of what the key blocks changed for NK = 1, this variant takes back the keys' offset:
+accumulation gave 988. The key tile's offset was the rest: 1004 us with it, 934 without (ablate-20261123-031408,
+where the variant was the other way round). The kernel now starts its key tile at a constant 0 when NK = 1:
 
-  keys_at_zero     o_k = 0 + arange(BK) instead of i_kb * BK + arange(BK), i_kb being program_id(1) = 0 (same
-                   output)
+  keys_at_program_id  o_k = i_kb * BK + arange(BK), i_kb being program_id(1) = 0, as before (same output)
 
 The variants compute wrong outputs on purpose, except where they say "same output"; only their times mean
 something. Writes ablate-<stamp>.json with device, versions and date.
@@ -83,7 +83,8 @@ BACKWARD = ("chunk_dstates_kernel", "chunk_bwd_kernel")
 #: the walks that compute their maps only without the keys pass (codegen.chunk.walk_keys), which is off for them
 WALKS = ("chunk_states_kernel", "chunk_dstates_kernel")
 #: variants that reorder or move work without changing the output
-SAME_OUTPUT = ("current_first", "one_accumulator", "in_step", "tiles_ahead", "tiles_to_dot", "keys_at_zero")
+SAME_OUTPUT = ("current_first", "one_accumulator", "in_step", "tiles_ahead", "tiles_to_dot",
+               "keys_at_program_id")
 
 
 def _one_acc(S):
@@ -124,10 +125,11 @@ ABLATIONS = {
                           ("b_S = b_S * tl.exp(b_last)", "b_S = b_S")],
     },
     "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
-    # the backward kernel with all of K in one block (NK = 1): its keys start at the key block's program index
-    # (0 there), where the kernel before key blocks started them at 0 itself
+    # the backward kernel with all of K in one block (NK = 1): its key tile starts at the constant 0; before
+    # 2026-11-23 it started at the key block's program index (0 at run time)
     "chunk_bwd_kernel": {"baseline": [],
-                         "keys_at_zero": [("o_k = i_kb * BK + tl.arange(0, BK)", "o_k = 0 + tl.arange(0, BK)")]},
+                         "keys_at_program_id": [("o_k = (i_kb * BK if NK > 1 else 0) + tl.arange(0, BK)",
+                                                 "o_k = i_kb * BK + tl.arange(0, BK)")]},
 }
 
 
