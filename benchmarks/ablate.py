@@ -128,8 +128,8 @@ ABLATIONS = {
     # the backward kernel with all of K in one block (NK = 1): its key tile starts at the constant 0; before
     # 2026-11-23 it started at the key block's program index (0 at run time)
     "chunk_bwd_kernel": {"baseline": [],
-                         "keys_at_program_id": [("o_k = (i_kb * BK if NK > 1 else 0) + tl.arange(0, BK)",
-                                                 "o_k = i_kb * BK + tl.arange(0, BK)")]},
+                         "keys_at_program_id": [("    else:\n        o_k = 0 + tl.arange(0, BK)",
+                                                 "    else:\n        o_k = i_kb * BK + tl.arange(0, BK)")]},
 }
 
 
