@@ -86,7 +86,7 @@ class ChunkCall:
     # dfq, dfk, dfv: the inputs' dtype for a feature that is an input as-is (plan.passthrough: that is the
     # input's gradient, stored by the backward kernel directly), else fp32 for the chain rule
     dfeature_dtypes: tuple = (torch.float32, torch.float32, torch.float32)
-    # whether fq or fk reads a per-row scalar input (mamba2's dt): the walks' maps then cost them (walk_factors)
+    # KernelPlan.row_maps: fq or fk reads a per-row scalar input (mamba2's dt), which the walks' maps then cost
     row_maps: bool = True
 
     @classmethod
@@ -101,12 +101,7 @@ class ChunkCall:
                    o_dtype=torch.float32 if plan.has_epilogue else sh.dtype,
                    dfeature_dtypes=tuple(sh.dtype if f in plan.passthrough else torch.float32
                                          for f in ("fq", "fk", "fv")),
-                   row_maps=row_maps(plan))
-
-
-def row_maps(plan) -> bool:
-    """Whether fq or fk reads a per-row scalar input (ChunkCall.row_maps)."""
-    return any(o.is_input and o.layout == "scalar" for o in plan.used_by(("fq", "fk")))
+                   row_maps=plan.row_maps)
 
 
 def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None:

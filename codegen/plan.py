@@ -133,6 +133,12 @@ class KernelPlan:
                 out[f] = o.name
         return out
 
+    @functools.cached_property
+    def row_maps(self) -> bool:
+        """Whether fq or fk reads a per-row scalar input (mamba2's dt): a states walk that computes its maps then
+        waits on them (codegen.chunk.walk_factors). Computed once per plan: every chunk call asks."""
+        return any(o.is_input and o.layout == "scalar" for o in self.used_by(("fq", "fk")))
+
     def operand(self, name: str) -> OperandInfo:
         for o in self.operands:
             if o.name == name:

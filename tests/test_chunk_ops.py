@@ -152,13 +152,20 @@ def test_states_walk_with_and_without_the_keys_pass(name, walk, monkeypatch):
 SCALAR_DECAY = Mixer("scalar_decay", fq=zoo.q, fk=zoo.k, fv=zoo.v, fa=logsigmoid(Input("a", dim=None)))
 
 
+def chunk_call(mixer, B=1, T=8, H=2, K=8, V=8, cu=None, dtype=torch.float32) -> chunk_path.ChunkCall:
+    """A ChunkCall of a mixer (a zoo name or a Mixer) without tensors: what the launch rules (walk_keys,
+    walk_factors, _geometry) read."""
+    ops = mf.compile(zoo.ALL[mixer] if isinstance(mixer, str) else mixer)
+    plan = ops.plan
+    N = B if cu is None else len(cu) - 1
+    return chunk_path.ChunkCall(ops.module, [], B, T, H, K, V, N, 1.0, plan.decay, plan.inclusive, plan.normalize,
+                                plan.bonus, cu, None, None, False, dtype, torch.device("cpu"),
+                                row_maps=plan.row_maps)
+
+
 def test_walk_factors_for_a_decay_per_row_or_constant_whose_maps_read_no_row_input():
     def factors(mixer, tile=(32, 32)):
-        plan = mf.compile(mixer).plan
-        c = chunk_path.ChunkCall(None, [], 1, 8, 2, 8, 8, 1, 1.0, plan.decay, plan.inclusive, plan.normalize,
-                                 plan.bonus, None, None, None, False, torch.float32, torch.device("cpu"),
-                                 row_maps=chunk_path.row_maps(plan))
-        return chunk_path.walk_factors(c, *tile)
+        return chunk_path.walk_factors(chunk_call(mixer), *tile)
     assert factors(SCALAR_DECAY) and factors(zoo.retnet)
     assert not factors(zoo.mamba2)                    # fk = B * softplus(dt + bias): the maps read a row input
     assert not factors(zoo.gla)                       # per key
@@ -182,15 +189,8 @@ def test_walks_load_a_shared_row_input_ahead_on_both_sides_of_an_exclusive_mixer
 
 
 def test_walk_keys_only_for_split_decaying_states_without_normalize():
-    def call(mixer, T=64 * 129, cu=None):
-        ops = mf.compile(zoo.ALL[mixer] if isinstance(mixer, str) else mixer)
-        N = 1 if cu is None else len(cu) - 1
-        return chunk_path.ChunkCall(ops.module, [], 1, T, 2, 8, 8, N, 1.0, ops.plan.decay, ops.plan.inclusive,
-                                    ops.plan.normalize, ops.plan.bonus, cu, None, None, False, torch.float32,
-                                    torch.device("cpu"))
-
-    def keys(mixer, split=True, BT=64, tile=(64, 64), **kw):
-        return chunk_path.walk_keys(call(mixer, **kw), split, BT, *tile)
+    def keys(mixer, split=True, BT=64, tile=(64, 64), T=64 * 129, cu=None):
+        return chunk_path.walk_keys(chunk_call(mixer, T=T, cu=cu), split, BT, *tile)
 
     assert keys("gla") and keys("retnet") and keys("mamba2")                 # 129 chunks
     assert not keys("gla", split=False)                                     # many sequences: walks stay as they are
@@ -215,10 +215,7 @@ def test_split_walks_pipeline_one_stage_deeper_without_a_decay_in_small_tiles():
     fourth stage in tiles of at most DEEP_SPLIT_TILE. Sequences enough for whole-state walks keep the config's
     launch."""
     def launch(mixer, B, BV=64):
-        ops = mf.compile(zoo.ALL[mixer])
-        c = chunk_path.ChunkCall(ops.module, [], B, 4096, 16, 128, 128, B, 1.0, ops.plan.decay, ops.plan.inclusive,
-                                 ops.plan.normalize, ops.plan.bonus, None, None, None, False, torch.bfloat16,
-                                 torch.device("cpu"))
+        c = chunk_call(mixer, B=B, T=4096, H=16, K=128, V=128, dtype=torch.bfloat16)
         g = chunk_path._geometry(c, KernelConfig(chunk=64, sub_chunk=16, BV=BV, num_warps=8, num_stages=1))
         return (g.SBK, g.SBV), (g.s_warps, g.s_stages)
     assert launch("linear_attention", 1) == ((32, 32), chunk_path.SPLIT_LAUNCH_NO_DECAY) == ((32, 32), (4, 4))
