@@ -48,9 +48,11 @@ The same variant for the fused forward's walk (chunk_fwd_kernel, with a fused --
 chunk_bwd_kernel (linear_attention). With all of K in one block it took 939 us at B = 4, T = 8192 before the
 backward's key blocks and 1030 after them (compare-bisect-20261123-0240-*); putting dv back before the dk
 accumulation gave 988. The key tile's offset was the rest: 1004 us with it, 934 without (ablate-20261123-031408,
-where the variant was the other way round). The kernel now starts its key tile at a constant 0 when NK = 1:
+where the variant was the other way round). The kernels now start their key tile at a constant 0 when all of K
+is one block (chunk_macros.set_k_block); for the backward kernel and the two walks:
 
-  keys_at_program_id  o_k = i_kb * BK + arange(BK), i_kb being program_id(1) = 0, as before (same output)
+  keys_at_program_id  o_k = i * BK + arange(BK), i being the key block's runtime index (0 at run time), as
+                      before (same output)
 
 The variants compute wrong outputs on purpose, except where they say "same output"; only their times mean
 something. Writes ablate-<stamp>.json with device, versions and date.
@@ -96,6 +98,17 @@ def _one_acc(S):
     return two, one
 
 
+def _keys_at_program_id(body: str) -> list[tuple[str, str]]:
+    """With all of K in one block (K <= BK) the key tile starts at a constant 0 (chunk_macros.set_k_block); this
+    puts back the start at the key block's runtime index (0 at run time), as before 2026-11-23 (same output)."""
+    m = re.search(r"^( +)if K > BK:\n +o_k = (\w+) \* BK \+ tl\.arange\(0, BK\)", body, flags=re.M)
+    if m is None:
+        raise SystemExit("ablate: no key tile of a key block (set_k_block) in the kernel")
+    ind, index = m.group(1), m.group(2)
+    return [(f"{ind}else:\n{ind}    o_k = 0 + tl.arange(0, BK)",
+             f"{ind}else:\n{ind}    o_k = {index} * BK + tl.arange(0, BK)")]
+
+
 ABLATIONS = {
     "chunk_fwd_kernel": {
         "baseline": [],
@@ -124,13 +137,10 @@ ABLATIONS = {
         "no_decay_math": [CUMSUM, ("b_kd = b_fk * tl.exp((b_last - b_B)[:, None])", "b_kd = b_fk"),
                           ("b_S = b_S * tl.exp(b_last)", "b_S = b_S")],
     },
-    "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP},
-    # the backward kernel with all of K in one block (NK = 1): its key tile starts at the constant 0; before
-    # 2026-11-23 it started at the key block's program index (0 at run time)
-    "chunk_bwd_kernel": {"baseline": [],
-                         "keys_at_program_id": [("    else:\n        o_k = 0 + tl.arange(0, BK)",
-                                                 "    else:\n        o_k = i_kb * BK + tl.arange(0, BK)")]},
+    "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP, "keys_at_program_id": _keys_at_program_id},
+    "chunk_bwd_kernel": {"baseline": [], "keys_at_program_id": _keys_at_program_id},
 }
+ABLATIONS["chunk_states_kernel"]["keys_at_program_id"] = _keys_at_program_id
 
 
 def _tile_loads(body: str) -> tuple[str, str, str]:
@@ -200,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="1,32768,16,128,128", help="B,T,H,K,V")
     ap.add_argument("--variants", default=None, help="default: every variant of --kernel")
     ap.add_argument("--config", default=None,
-                    help="chunk,BV,num_warps,num_stages[,f|t] (fused, the default, or two_pass): one config for both passes")
+                    help="chunk,BV,num_warps,num_stages[,f|t] (fused, the default, or two_pass): one config for both "
+                         "passes; tuned: the ops' own lookup (the tuned or shipped config)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
 
@@ -214,6 +225,7 @@ def main(argv=None) -> int:
     config = None
     kernel = args.kernel.split("/")[0]     # a kernel, or kernel/set for another set of its variants
     cfg_str = args.config or (DEFAULT_CONFIG[kernel][args.smoke] if kernel in DEFAULT_CONFIG else None)
+    cfg_str = None if cfg_str == "tuned" else cfg_str
     if cfg_str:
         from benchmarks.chunk_bench import cfg_of
         config = cfg_of(cfg_str)
