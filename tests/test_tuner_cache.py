@@ -221,6 +221,26 @@ def test_a_template_edit_keeps_tuned_configs_in_use_but_prefers_the_current_sour
     assert r.config.chunk == 32 and r.key.source == "src2"
 
 
+def test_among_equally_near_entries_of_earlier_sources_the_latest_tuned_wins(tmp_path, monkeypatch):
+    """One bucket gathers entries tuned on several earlier templates (each edit changes the source); none is
+    today's, so the latest tuned, not the first stored, answers, whichever order the file holds them in."""
+    import mixforge.tuner.lookup as lk
+
+    monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
+        T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh, source="src9"))
+    sk = ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128)
+    for order in ((("src1", "2026-11-22T13:32:43+00:00", 64), ("src2", "2026-11-23T02:30:19+00:00", 128)),
+                  (("src2", "2026-11-23T02:30:19+00:00", 128), ("src1", "2026-11-22T13:32:43+00:00", 64))):
+        user = ConfigCache(tmp_path / f"user-{order[0][0]}.json")
+        for source, created, chunk in order:
+            user.put(key(source=source), KernelConfig(chunk=chunk), 1.0, created=created)
+        look = TunedLookup(user=user, shipped=[], autotune=False)
+        r = look.resolve("abc123", sk)
+        assert (r.source, r.key.source, r.config.chunk) == ("user-nearest", "src2", 128), order
+    # an entry without a creation time sorts after every dated one
+    assert lk._recency({}) > lk._recency({"created": "2020-01-01T00:00:00+00:00"})
+
+
 def test_a_nearest_bucket_forward_runs_two_pass_where_fused_would_idle(tmp_path, monkeypatch):
     """A fused forward tuned at B*H = 64 walks each sequence in one program per value block; at B = 1, H = 16,
     T = 32768 that is 32 programs on 132 SMs, so the borrowed config switches to the two-pass strategy. The

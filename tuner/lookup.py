@@ -7,9 +7,9 @@ For (mixer, ShapeKey) it answers, in order:
 3. the config of the nearest bucket of T and B*H, the user's or a shipped one,
    the user's on a tie (same GPU, mixer, kernel, dtype, K, V: tile configs do
    not depend on T or B*H for validity, only for speed); among equally near
-   buckets the same kernel source, then the same Triton version (a config
-   tuned on an earlier template version still beats the heuristic; it must be
-   valid in today's search space to be used),
+   buckets the same kernel source, then the same Triton version, then the
+   latest tuned (a config tuned on an earlier template version still beats the
+   heuristic; it must be valid in today's search space to be used),
 4. None: the ops use `codegen.config.heuristic_config`.
 A nearest bucket's forward config takes the two-pass strategy where its fused
 forward would leave the GPU idle at this call's B*H and T
@@ -23,6 +23,7 @@ default 30) and caches the result. Answers are memoized per key; `invalidate()`
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import math
 import os
 import threading
@@ -87,14 +88,27 @@ def _distance(want: TuneKey, have: TuneKey) -> tuple:
 
 
 def _nearest(cache: ConfigCache, key: TuneKey, usable=lambda e: True) -> Optional[tuple[TuneKey, dict]]:
+    """The entry at the least _distance; among equally distant ones the latest tuned. Every template edit
+    changes the source, so one bucket gathers entries of several earlier sources, none of them today's: the
+    latest was tuned on the templates nearest today's. Taking the first stored instead kept the oldest: on the
+    H100 linear attention's B = 1 forward ran a config tuned at 0.620 ms where one tuned at 0.554 on a later
+    template sat in the same bucket (compare-20261123-040636)."""
     best = None
     for entry in cache.entries().values():
         k = TuneKey.from_dict(entry["key"])
         if k.hard() == key.hard() and usable(entry):
-            d = _distance(key, k)
-            if best is None or d < best[0]:
-                best = (d, k, entry)
+            rank = (_distance(key, k), _recency(entry))
+            if best is None or rank < best[0]:
+                best = (rank, k, entry)
     return (best[1], best[2]) if best else None
+
+
+def _recency(entry: dict) -> float:
+    """Sorts later-tuned entries first: minus the entry's creation time (an entry without one sorts last)."""
+    try:
+        return -_dt.datetime.fromisoformat(entry["created"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return math.inf
 
 
 class TunedLookup:
