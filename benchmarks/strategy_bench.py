@@ -90,8 +90,9 @@ STATE_SWEEP = [(128, 128, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2
                (32, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3)]
 
 
-def sweep_states(name, B, T, H, K, V, sweep="all"):
-    """The states kernel alone (S^(c) of every chunk) per tile and launch option, at the forward's chunk."""
+def sweep_states(name, B, T, H, K, V, sweep="all", kernel="chunk_fwd"):
+    """The states kernel alone (S^(c) of every chunk) per tile and launch option, at the chunk of `kernel`'s
+    config (chunk_bwd: the walk the backward recomputes)."""
     import mixforge as mf
     from mixforge.codegen import chunk as cp
     from mixforge.spec.shapes import resolve_call
@@ -100,11 +101,11 @@ def sweep_states(name, B, T, H, K, V, sweep="all"):
     ops = mf.compile(m)
     x = inputs(m, B, T, H, K, V, torch.bfloat16)
     call = capture(ops, x)
-    cfg = ops.config("chunk_fwd", resolve_call(m, x))
-    g0 = cp._geometry(call, cfg)
+    cfg = ops.config(kernel, resolve_call(m, x))
+    g0 = cp._geometry(call, cfg, backward=kernel == "chunk_bwd")
     out = {}
     ref = None
-    for bk, bv, w, st in {"small": SMALL_SWEEP, "stages": STAGES_SWEEP}.get(sweep, STATE_SWEEP):
+    for bk, bv, w, st in {"small": SMALL_SWEEP, "stages": STAGES_SWEEP, "unsplit": UNSPLIT_SWEEP}.get(sweep, STATE_SWEEP):
         if DRY:
             bk, bv = min(bk, 64), min(bv, 64)
         g = dataclasses.replace(g0, SBK=bk, SBV=bv, s_warps=w, s_stages=st)
@@ -112,8 +113,14 @@ def sweep_states(name, B, T, H, K, V, sweep="all"):
         sync()
         ref = S.clone() if ref is None else ref
         out[f"{bk},{bv},{w},{st}"] = dict(ms=bench(lambda: cp._states(call, g, store_final=False)), diff=rel(S, ref))
-    return dict(mixer=name, B=B, T=T, H=H, K=K, V=V, chunk=cfg.chunk, states=out)
+    return dict(mixer=name, B=B, T=T, H=H, K=K, V=V, chunk=cfg.chunk, config=kernel,
+                launch=[g0.s_warps, g0.s_stages], tiles=[g0.SBK, g0.SBV], keys_pass=g0.pre, states=out)
 
+
+#: --sweep-states unsplit: the walks of many sequences (not split: all of K, the main kernels' BV), which take
+#: the launch of the config they serve (the backward's: 8 warps, 1 stage at B = 4) against launches of their own
+UNSPLIT_SWEEP = [(128, 64, 8, 1), (128, 64, 4, 1), (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2),
+                 (128, 64, 8, 3), (128, 128, 8, 1), (128, 128, 8, 2), (128, 128, 4, 2), (128, 128, 4, 3)]
 
 #: --sweep-states small: tiles below MIN_STATE_TILE, for few long sequences
 SMALL_SWEEP = [(32, 32, 4, 3), (16, 32, 4, 3), (32, 16, 4, 3), (16, 16, 4, 3), (16, 16, 2, 3), (16, 32, 2, 3),
@@ -130,13 +137,19 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--mixers", default="linear_attention,scalar_decay,gla,mamba2")
     ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
-    ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small", "stages"), default=None,
-                    help="time the states kernel alone per STATE_SWEEP (all), SMALL_SWEEP (small) or STAGES_SWEEP")
+    ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small", "stages", "unsplit"),
+                    default=None, help="time the states kernel alone per STATE_SWEEP (all), SMALL_SWEEP (small), "
+                                       "STAGES_SWEEP or UNSPLIT_SWEEP")
+    ap.add_argument("--sweep-config", default="chunk_fwd", choices=("chunk_fwd", "chunk_bwd"),
+                    help="--sweep-states at the chunk (and keys pass) of this kernel's config")
     ap.add_argument("--forwards", default=None, help="labels of FORWARDS to time (default: all)")
     ap.add_argument("--no-bwd", action="store_true", help="forward variants only")
     ap.add_argument("--split-launch", default=None,
                     help="W,S: num_warps and num_stages of the split states walks for this run (chunk.SPLIT_LAUNCH "
                          "and SPLIT_LAUNCH_NO_DECAY)")
+    ap.add_argument("--walk-launch", default=None,
+                    help="W,S: num_warps and num_stages of the walks that are not split, for this run "
+                         "(chunk.WALK_LAUNCH; default: the launch of the config they serve)")
     args = ap.parse_args(argv)
     import triton
 
@@ -145,12 +158,18 @@ def main(argv=None):
         from mixforge.codegen import chunk as cp
 
         cp.SPLIT_LAUNCH = cp.SPLIT_LAUNCH_NO_DECAY = tuple(int(n) for n in args.split_launch.split(","))
+    if args.walk_launch:
+        from mixforge.codegen import chunk as cp
+
+        cp.WALK_LAUNCH = tuple(int(n) for n in args.walk_launch.split(","))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"strategy_bench-{stamp}.json")
     res = {"device": device_label(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": []}
     if args.split_launch:
         res["split_launch"] = args.split_launch
+    if args.walk_launch:
+        res["walk_launch"] = args.walk_launch
     for name in args.mixers.split(","):
         for shp in args.shapes.split(";"):
             B, T, H = map(int, shp.split(","))
@@ -159,7 +178,7 @@ def main(argv=None):
                 B, T, H, K, V = min(B, 1), 70, 2, 64, 64
             t0 = time.time()
             try:
-                row = (sweep_states(name, B, T, H, K, V, args.sweep_states) if args.sweep_states
+                row = (sweep_states(name, B, T, H, K, V, args.sweep_states, args.sweep_config) if args.sweep_states
                        else run(name, B, T, H, K, V, args.forwards and args.forwards.split(","), not args.no_bwd))
             except Exception as e:   # one failing case must not lose the others
                 row = dict(mixer=name, B=B, T=T, H=H, error=f"{type(e).__name__}: {e}"[:1500])

@@ -141,6 +141,8 @@ SPLIT_LAUNCH = (4, 3)      # num_warps, num_stages of split states
 #: -020545, -020631). In the backward's 32 x 128 tiles at B = 4 it lost: 1.530 -> 1.620 ms (-022344, -022414).
 SPLIT_LAUNCH_NO_DECAY = (4, 4)
 DEEP_SPLIT_TILE = 32 * 32
+#: num_warps, num_stages of the walks that are not split; None: the launch of the config they serve
+WALK_LAUNCH: Optional[tuple[int, int]] = None
 
 
 def state_tiles(K: int, V: int, NH: int, BK: Optional[int], BV: int, n_sm: int) -> tuple[int, int, bool]:
@@ -241,7 +243,7 @@ def _geometry(c: ChunkCall, config: KernelConfig, backward: bool = False) -> _Ge
     SBK, SBV, split = state_tiles(c.K, c.V, c.N * c.H, config.BK, BV, sm_count(c.device))
     deep = c.decay == "none" and SBK * SBV <= DEEP_SPLIT_TILE
     split_launch = SPLIT_LAUNCH_NO_DECAY if deep else SPLIT_LAUNCH
-    s_warps, s_stages = split_launch if split else (config.num_warps, config.num_stages)
+    s_warps, s_stages = split_launch if split else (WALK_LAUNCH or (config.num_warps, config.num_stages))
     keys_pass = walk_keys(c, split, BT, SBK, SBV)
     fact = keys_pass and not backward and walk_factors(c, SBK, SBV)
     return _Geom(BT, BK, KB, -(-c.K // KB), BV, NV, SBK, SBV, BT.bit_length() - 1, NC_total, coff, cseq, dot_dt, prec,
