@@ -151,17 +151,32 @@ def main(argv=None):
                     help="W,S: num_warps and num_stages of the walks that are not split, for this run "
                          "(chunk.WALK_LAUNCH; default: the launch of the config they serve)")
     args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    pair = lambda s: tuple(int(n) for n in s.split(",")) if s else None  # noqa: E731
+    with launches(split=pair(args.split_launch), walk=pair(args.walk_launch)):
+        return _run_all(args)
+
+
+@contextlib.contextmanager
+def launches(split=None, walk=None):
+    """Within it, the split walks run at `split` (num_warps, num_stages; chunk.SPLIT_LAUNCH and
+    SPLIT_LAUNCH_NO_DECAY) and the unsplit ones at `walk` (chunk.WALK_LAUNCH), where given. Restored after."""
+    from mixforge.codegen import chunk as cp
+
+    saved = cp.SPLIT_LAUNCH, cp.SPLIT_LAUNCH_NO_DECAY, cp.WALK_LAUNCH
+    if split:
+        cp.SPLIT_LAUNCH = cp.SPLIT_LAUNCH_NO_DECAY = split
+    if walk:
+        cp.WALK_LAUNCH = walk
+    try:
+        yield
+    finally:
+        cp.SPLIT_LAUNCH, cp.SPLIT_LAUNCH_NO_DECAY, cp.WALK_LAUNCH = saved
+
+
+def _run_all(args):
     import triton
 
-    os.makedirs(args.out, exist_ok=True)
-    if args.split_launch:
-        from mixforge.codegen import chunk as cp
-
-        cp.SPLIT_LAUNCH = cp.SPLIT_LAUNCH_NO_DECAY = tuple(int(n) for n in args.split_launch.split(","))
-    if args.walk_launch:
-        from mixforge.codegen import chunk as cp
-
-        cp.WALK_LAUNCH = tuple(int(n) for n in args.walk_launch.split(","))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"strategy_bench-{stamp}.json")
     res = {"device": device_label(), "torch": torch.__version__, "triton": triton.__version__,

@@ -1,5 +1,6 @@
-"""benchmarks/ablate.py, recurrent_bench.py and keyblock_bench.py on the CPU (--smoke): every variant the GPU
-runs renders, compiles and runs, and changes what it claims to change (or, for configs, agrees)."""
+"""benchmarks/ablate.py, recurrent_bench.py, keyblock_bench.py and strategy_bench.py on the CPU (--smoke, or
+chunk_bench's dry mode): every variant the GPU runs renders, compiles and runs, and changes what it claims to
+change (or, for configs, agrees)."""
 import json
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ sits at the repository root
-from benchmarks import ablate, keyblock_bench, recurrent_bench  # noqa: E402
+from benchmarks import ablate, chunk_bench, keyblock_bench, recurrent_bench, strategy_bench  # noqa: E402
 
 
 def _rows(tmp_path, prefix):
@@ -77,3 +78,30 @@ def test_forced_walk_sets_the_walk_and_restores_the_rule():
     with forced_walk("step"):
         assert not chunk_path.walk_keys(C, True, 64, 32, 32)
     assert (chunk_path.walk_keys, chunk_path.walk_factors) == real
+
+
+def test_strategy_bench_unsplit_sweep_and_walk_launch(tmp_path, monkeypatch):
+    """--sweep-states unsplit at the backward's chunk: every tile gives the same states; --walk-launch is
+    recorded and, like --split-launch, undone when the run ends (the launch constants are module globals)."""
+    from mixforge.codegen import chunk as cp
+
+    for mod in (chunk_bench, strategy_bench):
+        monkeypatch.setattr(mod, "DRY", True)
+    monkeypatch.setattr(chunk_bench, "DEV", "cpu")
+    before = cp.SPLIT_LAUNCH, cp.SPLIT_LAUNCH_NO_DECAY, cp.WALK_LAUNCH
+    assert strategy_bench.main(["--out", str(tmp_path), "--mixers", "mamba2", "--shapes", "4,8192,16",
+                                "--sweep-states", "unsplit", "--sweep-config", "chunk_bwd"]) == 0
+    doc = json.loads(next(tmp_path.glob("strategy_bench-*.json")).read_text())
+    assert {"device", "torch", "triton", "date"} <= set(doc)
+    (row,) = doc["rows"]
+    assert row["config"] == "chunk_bwd" and "error" not in row, row
+    assert len(row["states"]) > 1 and all(v["diff"] < 1e-6 for v in row["states"].values()), row["states"]
+    for p in tmp_path.glob("strategy_bench-*.json"):
+        p.unlink()
+    assert strategy_bench.main(["--out", str(tmp_path), "--mixers", "linear_attention", "--shapes", "4,8192,16",
+                                "--forwards", "two_pass", "--walk-launch", "4,3", "--split-launch", "2,2"]) == 0
+    doc = json.loads(next(tmp_path.glob("strategy_bench-*.json")).read_text())
+    assert (doc["walk_launch"], doc["split_launch"]) == ("4,3", "2,2")
+    (row,) = doc["rows"]
+    assert "error" not in row and row["diff"]["bwd_split"] < 1e-6, row
+    assert (cp.SPLIT_LAUNCH, cp.SPLIT_LAUNCH_NO_DECAY, cp.WALK_LAUNCH) == before
