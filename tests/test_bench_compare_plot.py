@@ -172,3 +172,24 @@ def test_host_time_helpers_without_a_gpu(monkeypatch):
     assert len(calls) == 6 and 2000 <= us < 50000
     text = host_time.host_profile(issue_one, calls=3, top=5)
     assert "issue_one" in text and len(calls) == 10
+
+
+def test_memory_peak_replays_the_allocation_history():
+    """benchmarks.memory_peak's replay of a device trace: the peak of what was allocated, and the blocks alive
+    then, named by the innermost project frame and summed per frame."""
+    from benchmarks import memory_peak as mp
+
+    def fr(name, line):
+        return [{"filename": "/site/torch/nn.py", "line": 1, "name": "inner"},
+                {"filename": f"/site/mixforge/codegen/{name}.py", "line": line, "name": name}]
+    trace = [dict(action="alloc", addr=1, size=100 << 20, frames=fr("chunk", 10)),
+             dict(action="alloc", addr=2, size=50 << 20, frames=fr("chunk", 10)),
+             dict(action="free_requested", addr=1, size=100 << 20),
+             dict(action="alloc", addr=3, size=120 << 20, frames=fr("chainrule", 5)),   # 170 MiB: the peak
+             dict(action="free_requested", addr=2, size=50 << 20),
+             dict(action="alloc", addr=4, size=10 << 20, frames=[{"filename": "/x/y.py", "line": 3, "name": "f"}])]
+    peak, alive = mp.alive_at_peak(trace)
+    assert peak == 170 << 20 and sorted(b["addr"] for b in alive) == [2, 3]
+    g = mp.grouped(alive)
+    assert [(e["where"], e["MiB"]) for e in g] == [("chainrule.py:5 (chainrule)", 120.0), ("chunk.py:10 (chunk)", 50.0)]
+    assert mp.where([{"filename": "/x/y.py", "line": 3, "name": "f"}]) == "y.py:3 (f)"
