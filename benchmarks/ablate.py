@@ -136,11 +136,11 @@ ABLATIONS = {
         "no_cumsum": [CUMSUM],
         "no_decay_math": [CUMSUM, ("b_kd = b_fk * tl.exp((b_last - b_B)[:, None])", "b_kd = b_fk"),
                           ("b_S = b_S * tl.exp(b_last)", "b_S = b_S")],
+        "keys_at_program_id": _keys_at_program_id,
     },
     "chunk_dstates_kernel": {"baseline": [], "in_step": IN_STEP, "keys_at_program_id": _keys_at_program_id},
     "chunk_bwd_kernel": {"baseline": [], "keys_at_program_id": _keys_at_program_id},
 }
-ABLATIONS["chunk_states_kernel"]["keys_at_program_id"] = _keys_at_program_id
 
 
 def _tile_loads(body: str) -> tuple[str, str, str]:

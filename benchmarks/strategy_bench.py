@@ -105,7 +105,7 @@ def sweep_states(name, B, T, H, K, V, sweep="all", kernel="chunk_fwd"):
     g0 = cp._geometry(call, cfg, backward=kernel == "chunk_bwd")
     out = {}
     ref = None
-    for bk, bv, w, st in {"small": SMALL_SWEEP, "stages": STAGES_SWEEP, "unsplit": UNSPLIT_SWEEP}.get(sweep, STATE_SWEEP):
+    for bk, bv, w, st in SWEEPS[sweep]:
         if DRY:
             bk, bv = min(bk, 64), min(bv, 64)
         g = dataclasses.replace(g0, SBK=bk, SBV=bv, s_warps=w, s_stages=st)
@@ -132,14 +132,17 @@ STAGES_SWEEP = [(32, 32, 4, 3), (32, 32, 4, 4), (32, 32, 4, 5), (32, 32, 2, 4), 
                 (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 4), (32, 128, 4, 3), (32, 128, 4, 4)]
 
 
+#: --sweep-states NAME: the tiles and launches it times
+SWEEPS = {"all": STATE_SWEEP, "small": SMALL_SWEEP, "stages": STAGES_SWEEP, "unsplit": UNSPLIT_SWEEP}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--mixers", default="linear_attention,scalar_decay,gla,mamba2")
     ap.add_argument("--shapes", default=SHAPES, help="B,T,H;... (K = V = 128, bf16)")
-    ap.add_argument("--sweep-states", nargs="?", const="all", choices=("all", "small", "stages", "unsplit"),
-                    default=None, help="time the states kernel alone per STATE_SWEEP (all), SMALL_SWEEP (small), "
-                                       "STAGES_SWEEP or UNSPLIT_SWEEP")
+    ap.add_argument("--sweep-states", nargs="?", const="all", choices=tuple(SWEEPS), default=None,
+                    help="time the states kernel alone per a list of SWEEPS")
     ap.add_argument("--sweep-config", default="chunk_fwd", choices=("chunk_fwd", "chunk_bwd"),
                     help="--sweep-states at the chunk (and keys pass) of this kernel's config")
     ap.add_argument("--forwards", default=None, help="labels of FORWARDS to time (default: all)")

@@ -81,8 +81,9 @@ def test_forced_walk_sets_the_walk_and_restores_the_rule():
 
 
 def test_strategy_bench_unsplit_sweep_and_walk_launch(tmp_path, monkeypatch):
-    """--sweep-states unsplit at the backward's chunk: every tile gives the same states; --walk-launch is
-    recorded and, like --split-launch, undone when the run ends (the launch constants are module globals)."""
+    """--sweep-states unsplit runs at the backward's chunk and its states agree (on the interpreter the tiles
+    clamp to 64 and the launches are ignored: this is the plumbing, not the tiles); --walk-launch is recorded
+    and, like --split-launch, undone when the run ends (the launch constants are module globals)."""
     from mixforge.codegen import chunk as cp
 
     for mod in (chunk_bench, strategy_bench):

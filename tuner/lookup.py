@@ -96,10 +96,12 @@ def _nearest(cache: ConfigCache, key: TuneKey, usable=lambda e: True) -> Optiona
     best = None
     for entry in cache.entries().values():
         k = TuneKey.from_dict(entry["key"])
-        if k.hard() == key.hard() and usable(entry):
-            rank = (_distance(key, k), _recency(entry))
-            if best is None or rank < best[0]:
-                best = (rank, k, entry)
+        if k.hard() != key.hard():
+            continue
+        rank = (_distance(key, k), _recency(entry))
+        # usable() builds the search space to check the config: only for an entry that would win
+        if (best is None or rank < best[0]) and usable(entry):
+            best = (rank, k, entry)
     return (best[1], best[2]) if best else None
 
 
