@@ -2,6 +2,7 @@
 
     python -m benchmarks.compare [--quick] [--only gla,mamba2] [--shapes 16,2048,128,128;...] [--out DIR]
     python -m benchmarks.compare --warmup-jobs 8 ...     # first calls (compile, peers' autotuning) in parallel
+    python -m benchmarks.compare --configs-from OLD.json ...   # the configs an earlier run's rows used
 
 Each row declares the computation once as a mixforge Mixer and maps the same
 random inputs onto the peer's interface (flash-linear-attention, Mamba-2's
@@ -252,6 +253,36 @@ def roofline_ms(mixer: Mixer, x: dict, rates: dict) -> float:
     return nbytes / rates["copy_bytes_per_s"] * 1e3
 
 
+#: (case name, kernel, B, T, H, K, V) -> the config a row pins (--configs-from)
+PINNED: dict = {}
+
+
+def load_pins(path: str) -> dict:
+    """The configs every row of an earlier compare run used, by (case, kernel, B, T, H, K, V): a later run with
+    them times the same kernels, where the cache they came from is gone (a fresh machine) or moved on."""
+    pins = {}
+    for r in json.loads(Path(path).read_text()).get("rows", []):
+        for kernel, used in (r.get("configs") or {}).items():
+            if "config" in used:
+                pins[(r["mixer"], kernel, r["B"], r["T"], r["H"], r["K"], r["V"])] = used["config"]
+    if not pins:
+        raise SystemExit(f"--configs-from {path}: no row records a config")
+    return pins
+
+
+def compile_case(case: Case):
+    """mf.compile with the default lookup, or the pinned configs (--configs-from) where a row has them."""
+    if not PINNED:
+        return mf.compile(case.mixer)
+    from mixforge.codegen.config import KernelConfig
+    from mixforge.tuner.lookup import config_lookup
+
+    def lookup(mixer, sk):
+        pin = PINNED.get((case.name, sk.kernel, sk.B, sk.T, sk.H, sk.K, sk.V))
+        return KernelConfig.from_dict(pin) if pin else config_lookup(mixer, sk)
+    return mf.compile(case.mixer, config_lookup=lookup)
+
+
 def configs_used(case: Case, ops, x: dict) -> dict:
     """Per kernel of the case's path: the config its calls run with here and where it came from (user,
     shipped, a nearest bucket of either, or the heuristic), so a row can be reproduced. A tuned config also
@@ -266,7 +297,10 @@ def configs_used(case: Case, ops, x: dict) -> dict:
     for kernel in (f"{case.path}_fwd", f"{case.path}_bwd"):
         try:
             found = explain(case.mixer, kernel, sh.B, sh.T, sh.H, sh.K, sh.V, sh.dtype)
-            out[kernel] = dict(source=found.source, config=ops.config(kernel, sh).to_dict())
+            pinned = (case.name, kernel, sh.B, sh.T, sh.H, sh.K, sh.V) in PINNED
+            out[kernel] = dict(source="pinned" if pinned else found.source, config=ops.config(kernel, sh).to_dict())
+            if pinned:
+                continue
             if found.entry and found.entry.get("time_ms") is not None:
                 out[kernel].update(tuned_ms=found.entry["time_ms"], tuned_shape=found.entry.get("shape"))
         except Exception as e:  # a record, never a reason to lose the row
@@ -407,7 +441,7 @@ def _shapes_of(case: Case, shapes):
 
 def warm_one(case: Case, shapes, peers: bool, ours: bool = True) -> None:
     """One case's first calls at every shape (compilation, autotuning), nothing timed."""
-    ops = mf.compile(case.mixer) if ours else None
+    ops = compile_case(case) if ours else None
     for (B, T, K, V) in _shapes_of(case, shapes):
         x = random_inputs(case.mixer, B=B, T=T, H=16, K=K, V=V, G=case.G, dtype=torch.bfloat16, device="cuda",
                           seed=0)
@@ -463,7 +497,7 @@ def tune_cases(cases, shapes, trials: int, time_limit, passes=("fwd", "bwd")) ->
     return done
 
 
-def warm_all(cases, shapes, jobs: int, peers: bool, ours: bool = True) -> float:
+def warm_all(cases, shapes, jobs: int, peers: bool, ours: bool = True, configs_from=None) -> float:
     """Every case's first calls in up to `jobs` parallel processes, one per case and K (the peers
     autotune per K); returns the wall time."""
     import subprocess
@@ -483,6 +517,8 @@ def warm_all(cases, shapes, jobs: int, peers: bool, ours: bool = True) -> float:
                 cmd.append("--no-peers")
             if not ours:
                 cmd.append("--peers-only")
+            if configs_from:
+                cmd += ["--configs-from", *configs_from]
             running.append((label, time.time(), subprocess.Popen(cmd)))
         time.sleep(0.5)
         for item in list(running):
@@ -516,8 +552,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-only", action="store_true", help="run the warm-up (--warmup-jobs) and exit")
     ap.add_argument("--profile", action="store_true",
                     help="also record each row's kernels and their device time (torch.profiler), ours and the peer's")
+    ap.add_argument("--configs-from", nargs="+", default=None, metavar="JSON",
+                    help="run every row with the configs earlier compares' rows at that shape used (their "
+                         "'configs'; a later file's win); shapes they did not run keep the cache's or the "
+                         "heuristic's")
     ap.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for f in args.configs_from or ():
+        PINNED.update(load_pins(f))
     if not torch.cuda.is_available():
         print("benchmarks.compare needs a CUDA device", file=sys.stderr)
         return 2
@@ -527,6 +569,8 @@ def main(argv=None) -> int:
         warm_one(_cases({args.warm_one})[0], shapes, peers=not args.no_peers, ours=not args.peers_only)
         return 0
     info = versions()
+    if args.configs_from:
+        info["configs_from"] = args.configs_from
     if args.tune_trials > 0:
         passes = tuple(p for p in args.tune_passes.split(",") if p)
         if not passes or set(passes) - {"fwd", "bwd"}:
@@ -537,7 +581,7 @@ def main(argv=None) -> int:
             return 0
     if args.warmup_jobs > 0:
         info["warmup_s"] = warm_all(cases, shapes, args.warmup_jobs, peers=not args.no_peers,
-                                    ours=not args.peers_only)
+                                    ours=not args.peers_only, configs_from=args.configs_from)
         if args.warmup_only:
             print(f"warm-up done in {info['warmup_s']:.0f} s")
             return 0
@@ -558,7 +602,7 @@ def main(argv=None) -> int:
         ops = None
         if not args.peers_only:
             try:
-                ops = mf.compile(case.mixer)
+                ops = compile_case(case)
             except Exception as e:
                 print(f"[{case.name}] compile failed: {e}")
         for (B, T, K, V) in _shapes_of(case, shapes):

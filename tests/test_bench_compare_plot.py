@@ -129,6 +129,38 @@ def test_compare_rows_record_the_config_each_kernel_ran(tmp_path, monkeypatch):
     assert got["chunk_bwd"]["source"] == "heuristic"
 
 
+def test_configs_from_an_earlier_run_pin_each_rows_kernels(tmp_path, monkeypatch):
+    """--configs-from: the configs an earlier compare's rows recorded run again at those shapes (a fresh machine
+    has lost the tuned cache they came from); other shapes and kernels keep the lookup's, and the row says
+    which were pinned. A file with no recorded config is refused."""
+    import mixforge.tuner.lookup as lk
+    from benchmarks import compare
+    from mixforge.spec.testing import random_inputs
+
+    monkeypatch.setenv("MIXFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lk, "_default", None)
+    pinned = dict(chunk=16, sub_chunk=8, BK=None, BV=16, num_warps=2, num_stages=1, strategy="two_pass")
+    old = tmp_path / "compare-old.json"
+    old.write_text(json.dumps({"rows": [
+        dict(mixer="gla", B=1, T=32, H=2, K=16, V=16, configs={"chunk_fwd": {"source": "user", "config": pinned},
+                                                                "chunk_bwd": {"error": "not recorded"}}),
+        dict(mixer="gla", B=1, T=32, H=2, K=16, V=16, error="Traceback ...")]}))
+    monkeypatch.setattr(compare, "PINNED", compare.load_pins(str(old)))
+    case = {c.name: c for c in compare.CASES}["gla"]
+    ops = compare.compile_case(case)
+    x = random_inputs(case.mixer, B=1, T=32, H=2, K=16, V=16)
+    got = compare.configs_used(case, ops, x)
+    assert got["chunk_fwd"] == dict(source="pinned", config=pinned), got
+    assert got["chunk_bwd"]["source"] == "heuristic"
+    other = compare.configs_used(case, ops, random_inputs(case.mixer, B=2, T=32, H=2, K=16, V=16))
+    assert other["chunk_fwd"]["source"] == "heuristic"
+    assert bool(ops.chunk(**x)[0].isfinite().all())
+    bare = tmp_path / "compare-bare.json"
+    bare.write_text(json.dumps({"rows": [dict(mixer="gla", B=1, T=32, H=2, K=16, V=16)]}))
+    with pytest.raises(SystemExit, match="no row records a config"):
+        compare.load_pins(str(bare))
+
+
 def test_tune_cases_share_the_time_limit(monkeypatch):
     """Each (case, shape) may use the time left over the items left: the first case cannot spend it all, and
     what an item leaves over goes to the next ones."""
