@@ -294,3 +294,30 @@ def test_workers_racing_for_one_config_never_both_run_it():
             t.join(60)
         a, b = runs.values()
         assert not set(a) & set(b), f"a config ran in both workers (round {rep})"
+
+
+@pytest.mark.parametrize("slower, wins", [(0.004, 64), (0.03, 32)])
+def test_longer_chunks_win_a_backward_within_the_memory_tie(slower, wins):
+    """The backward keeps S and dS of every chunk in HBM: 64-row chunks within MEMORY_TIE of the fastest
+    32-row config win (half the states, as mamba2's backward at B = 16 on the H100: 0.4% slower, 1137 against
+    1649 MiB); past it the fastest stays. The report keeps the fastest time where the tie-break moved."""
+    from mixforge.tuner.study import MEMORY_TIE, Objective, state_rows, summarize
+
+    assert (slower < MEMORY_TIE) == (wins == 64)
+    sp = build_space("chunk_bwd", Problem(K=64, V=64, dtype="bf16", decay="scalar"), limits=H100,
+                     interpret=False, axes={"chunk": (32, 64), "num_warps": (4, 8)})
+    x = {"x": torch.randn(3)}
+    obj = Objective(inputs=x, run=lambda cfg, x: ((x["x"] * 2, None), (1 + slower if cfg.chunk == 64 else 1.0)
+                                                   + 0.5 * (cfg.num_warps == 4)),
+                    trusted=lambda x: (x["x"] * 2, None), tolerance=1e-3)
+    st = open_study(f"tie{slower}", memory(), seed=0)
+    rep = optimize(st, sp, obj, n_trials=len(sp.grid()), grid=True)
+    assert rep.complete == len(sp.grid()) == 4
+    assert rep.best_config.chunk == wins and rep.best_config.num_warps == 8
+    assert rep.best_ms == pytest.approx(1 + slower if wins == 64 else 1.0)
+    assert rep.fastest_ms == (pytest.approx(1.0) if wins == 64 else None)
+    assert summarize(st, sp).best_config == rep.best_config
+    # what counts as a state: the backward's, the two-pass forward's; the fused forward keeps none
+    fused, two = KernelConfig(chunk=64), KernelConfig(chunk=64, strategy="two_pass")
+    assert state_rows(fused, "chunk_bwd") == state_rows(two, "chunk_fwd") == 1 / 64
+    assert state_rows(fused, "chunk_fwd") == state_rows(fused, "recurrent_fwd") == 0.0
