@@ -81,8 +81,9 @@ OUTLIER_FLOOR = 1 / 50
 #: The chunked path keeps a state per chunk in HBM: the backward S and dS of every chunk, the two-pass
 #: forward S. A config with longer chunks within MEMORY_TIE of the fastest one's time wins over it: the same
 #: speed within timing noise, with fewer states. mamba2's backward at B = 16, T = 2048, H = 16, K = V = 128
-#: (H100, keyblock_bench-20261123-061120): 32-row chunks 2.716 ms and 1649 MiB at the peak, 64-row chunks
-#: 2.727 ms (0.4% slower) and 1137 MiB.
+#: (H100): 32-row chunks 2.716 ms and 1649 MiB at the fwd+bwd peak, 64-row chunks 2.727 ms (0.4% slower) and
+#: 1137 MiB (keyblock_bench-20261123-061120); in a tune minutes later the same two took 2.196 and 2.223 ms
+#: (1.2% apart; compare-tune-20261123-0616-h100-mamba2-bwd.log), so the tie is wider than that.
 MEMORY_TIE = 0.02
 #: An ill-conditioned output (its trusted value's own rounding noise above the tolerance) may differ from
 #: the trusted value by this many times that noise: both are then rounding noise of similar size, and the
