@@ -9,15 +9,22 @@ computed once per chunk, and a per-key decay's intra-chunk attention is
 factored by bisection (log2(chunk) masked tl.dot's, each with its own stable
 reference row), so nothing is unrolled and compile times stay short.
 
-Forward, two strategies (config.strategy):
+Forward, three strategies (config.strategy):
 
 * fused:    one program per (V-block, sequence, head) walks the chunks of its
             sequence in order with the state in registers.
 * two_pass: the states kernel writes every chunk's start state S^(c) to HBM,
             then one program per (chunk, head) computes its chunk for every
             V-block (the attention block once), all chunks in parallel.
+* paired:   two-pass with the states every 2 * chunk rows; one program per
+            (state chunk, head) computes both of its chunk-row tiles for
+            every V-block: the walk has half the steps and half the states
+            to write, the output kernel reads half the states, and its
+            tiles stay chunk rows (chunk_out_pairs_kernel). For a decay per
+            row or none, inclusive, without normalizer or bonus, K <= 128
+            (`pairs_ok`); other mixers run such a config two-pass.
 
-Backward (the same for both strategies): the states kernel writes S^(c), the
+Backward (the same for every strategy): the states kernel writes S^(c), the
 dstates kernel walks each sequence backwards writing dS^(c+1), and one program
 per (chunk, head) computes dq, dk, dv and dfa of its chunk for all V-blocks:
 no partial sums over V-blocks, no separate cumulative-sum pass (the decay
@@ -54,7 +61,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import KernelConfig, next_pow2
+from .config import STRATEGIES, KernelConfig, next_pow2
 
 
 @dataclasses.dataclass
@@ -108,8 +115,8 @@ def check_config(config: KernelConfig, K: int, V: int, gpu: bool = True) -> None
     """Raise ValueError for a config the chunked kernels cannot run."""
     C, c = config.chunk, config.sub_chunk
     pow2 = lambda n: n >= 1 and (n & (n - 1)) == 0  # noqa: E731
-    if config.strategy not in ("fused", "two_pass"):
-        raise ValueError(f"strategy must be 'fused' or 'two_pass', got {config.strategy!r}")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {config.strategy!r}")
     if not (pow2(C) and pow2(c) and pow2(config.BV)):
         raise ValueError(f"chunk ({C}), sub_chunk ({c}) and BV ({config.BV}) must be powers of two")
     if C % c:
@@ -411,11 +418,16 @@ def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, z
 
 def run_forward(c: ChunkCall, config: KernelConfig):
     """(o [B,T,H,V] in c.o_dtype, S_T or None, z_T or None)."""
-    g = _geometry(c, config)
     B, T, H, K, V, N = c.B, c.T, c.H, c.K, c.V, c.N
     dev, d = c.device, _dummy(c)
     o = torch.empty(B, T, H, V, dtype=c.o_dtype, device=dev)
     want = c.output_final_state
+    if config.strategy == "paired" and pairs_ok(c):
+        if N * H == 0:
+            return o, _empty_final(c, want)[0], _empty_final(c, want)[1]
+        ST, _ = _paired_forward(c, config, o, want)
+        return o, (ST if want else None), None
+    g = _geometry(c, config)
     if config.strategy == "fused":
         ST = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if want else d
         zT = torch.empty(N, H, K, dtype=torch.float32, device=dev) if (want and c.normalize) else d
@@ -428,6 +440,28 @@ def run_forward(c: ChunkCall, config: KernelConfig):
             return o, _empty_final(c, want)[0], _empty_final(c, want)[1]
         _fwd_kernel(c, g, False, o, d, d, d, d, Sbuf, zbuf, save_on=False)
     return o, (ST if want else None), (zT if (want and c.normalize) else None)
+
+
+def pairs_ok(c: ChunkCall) -> bool:
+    """Whether the paired forward serves this call's mixer: chunk_out_pairs_kernel keeps the two tiles' queries
+    and attention blocks of all of K (up to 128) and handles a decay per row or none, inclusive mixers without
+    a normalizer or a bonus."""
+    return (c.decay != "key" and c.inclusive and not c.normalize and not c.bonus
+            and max(16, next_pow2(c.K)) <= 128)
+
+
+def _paired_forward(c: ChunkCall, config: KernelConfig, o, want: bool):
+    """The states walk over 2 * chunk rows, then chunk_out_pairs_kernel: (S_T, z_T), z_T a dummy (no
+    normalizer: pairs_ok)."""
+    g = _geometry(c, dataclasses.replace(config, chunk=2 * config.chunk))
+    Sbuf, _, ST, zT, _, _ = _states(c, g, store_final=want)
+    if g.NC_total * c.H > 0:
+        BT = config.chunk
+        c.module.chunk_out_pairs_kernel[(g.NC_total * c.H,)](
+            *c.map_args, o, Sbuf, *_seq_args(c, g), c.T, c.scale,
+            H=c.H, K=c.K, V=c.V, BT=BT, BK=g.BK, BV=g.BV, LOG2_BT=BT.bit_length() - 1,
+            VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)))
+    return ST, zT
 
 
 def _empty_final(c: ChunkCall, want: bool):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-STRATEGIES = ("fused", "two_pass")
+STRATEGIES = ("fused", "two_pass", "paired")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,9 @@ class KernelConfig:
     BV: int = 64             # value tile
     num_warps: int = 4
     num_stages: int = 2
-    strategy: str = "fused"  # fused: state on chip; two_pass: chunk states in HBM, chunks in parallel
+    # fused: state on chip; two_pass: chunk states in HBM, chunks in parallel; paired: two-pass with the states
+    # every 2 * chunk rows, each output program taking two chunk-row tiles (codegen/chunk.py)
+    strategy: str = "fused"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,7 +98,21 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
     if kernel in ("recurrent_fwd", "recurrent_bwd"):
         return fit_value_blocks(config, NH, V)
     config = fit_out_key_blocks(config, kernel, K, V, dtype, decay, NH, T)
-    return fit_strategy(config, kernel, NH, T, V)
+    return fit_pairs(fit_strategy(config, kernel, NH, T, V), kernel, K, dtype, decay)
+
+
+def fit_pairs(config: KernelConfig, kernel: str, K: int, dtype: str, decay: Optional[str]) -> KernelConfig:
+    """A two-pass forward without a decay at K <= 128 in bf16 runs paired (states every 2 * chunk rows), in
+    64-row tiles, 64-wide value blocks, 4 warps, 1 stage. B = 1, T = 32768, H = 16, K = V = 128
+    (keyblock_bench-20261123-064205): linear attention 0.494 ms against 0.549 two-pass (its walk 241 against 272
+    us, its outputs 248 against 273). A decay per row gained in other tiles only (scalar decay 0.604 against
+    0.671 with 128-wide value blocks) and lost where the maps read a per-row input (mamba2 0.695 at best
+    against 0.653): that is the tuner's to find. A mixer the paired kernel does not serve (a normalizer) runs
+    the config two-pass."""
+    if (kernel != "chunk_fwd" or config.strategy != "two_pass" or decay != "none" or dtype != "bf16"
+            or config.BK is not None or next_pow2(K) > 128):
+        return config
+    return dataclasses.replace(config, strategy="paired", chunk=64, BV=64, num_warps=4, num_stages=1)
 
 
 #: The key block of fit_out_key_blocks (tuner.space.OUT_KEY_BLOCK searches the same)

@@ -10,12 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mixforge import Input, Mixer
 from mixforge.codegen.config import KernelConfig
+from mixforge.functions import logsigmoid
 from mixforge.spec import zoo
 
 from test_chunk_support import TOL, assert_close, features_of, rel, run_case
 
-STRATEGIES = ("fused", "two_pass")
+STRATEGIES = ("fused", "two_pass", "paired")
 
 
 def cfg(strategy="fused", chunk=16, sub_chunk=8, BV=16, BK=None):
@@ -115,6 +117,66 @@ def test_no_initial_or_final_state(name):
 def test_long_sequence_many_chunks(strategy):
     assert_close(run_case(zoo.rwkv6, B=1, T=48, H=1, K=4, V=4, initial_state=True,
                           config=cfg(strategy, chunk=8, sub_chunk=4, BV=4)))
+
+
+# --------------------------------------------------------------------------- the paired forward
+
+def _pairs_used(monkeypatch) -> list:
+    """Every forward that ran the paired kernel (the chunked path's _paired_forward)."""
+    from mixforge.codegen import chunk as chunk_path
+
+    seen, real = [], chunk_path._paired_forward
+    monkeypatch.setattr(chunk_path, "_paired_forward", lambda *a, **k: seen.append(1) or real(*a, **k))
+    return seen
+
+
+#: the paired forward's mixers: no decay (and no normalizer), a decay per row, a constant one
+PAIRED = {"none": Mixer("plain_linear", fq=zoo.q, fk=zoo.k, fv=zoo.v),
+          "scalar": Mixer("scalar_decay", fq=zoo.q, fk=zoo.k, fv=zoo.v, fa=logsigmoid(Input("a", dim=None))),
+          "constant": zoo.retnet}
+
+
+@pytest.mark.parametrize("decay", sorted(PAIRED))
+@pytest.mark.parametrize("T, strength, BV", [(40, "normal", 16), (17, "strong", 4), (1, "normal", 16), (64, "normal", 8),
+                                           (64, "strong", 8)])
+def test_paired_forward(decay, T, strength, BV, monkeypatch):
+    """States every 2 * chunk rows, both tiles of a state chunk in one program: a first tile alone at the end
+    (T = 40, 17: 16 + 16 + 8 and 16 + 1 rows), a second tile that is all padding (T = 1), exact pairs (T = 64);
+    decays down to -20 per token; value blocks of 4 and 8 at V = 12 (the last one masked); K != V."""
+    used = _pairs_used(monkeypatch)
+    assert PAIRED[decay].decay_kind == decay
+    errs = run_case(PAIRED[decay], T=T, K=8, V=12, strength=strength, initial_state=True,
+                    config=cfg("paired", chunk=16, BV=BV))
+    assert used, "the paired kernel did not run"
+    assert_close(errs)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "retnet", "transnormer", "griffin"])
+def test_paired_forward_zoo_varlen(name, monkeypatch):
+    """Packed sequences of lengths 0, 5, 0, 16, 19, 0 in state chunks of 16 rows (tiles of 8); mamba2's maps
+    read a per-row input (dt) and a grouped one (C, B)."""
+    used = _pairs_used(monkeypatch)
+    cu = torch.tensor([0, 0, 5, 5, 21, 40, 40], dtype=torch.int32)
+    assert_close(run_case(zoo.ALL[name], B=1, T=40, cu_seqlens=cu, initial_state=True,
+                          config=cfg("paired", chunk=8, BV=8)))
+    assert used
+
+
+def test_paired_forward_serves_per_row_decays_only(monkeypatch):
+    """A per-key decay, a normalizer, a bonus or an exclusive mixer runs a paired config two-pass (and so does
+    K > 128, whose two tiles of all keys the kernel does not hold); the results stay right."""
+    from mixforge.codegen import chunk as chunk_path
+
+    def ok(decay="scalar", inclusive=True, normalize=False, bonus=False, K=128):
+        c = chunk_path.ChunkCall(None, [], 1, 64, 2, K, 16, 1, 1.0, decay, inclusive, normalize, bonus, None, None,
+                                 None, False, torch.float32, torch.device("cpu"))
+        return chunk_path.pairs_ok(c)
+    assert ok() and ok(decay="none") and ok(decay="constant") and ok(K=100)
+    assert not (ok(decay="key") or ok(inclusive=False) or ok(normalize=True) or ok(bonus=True) or ok(K=129))
+    used = _pairs_used(monkeypatch)
+    for name in ("gla", "rwkv6", "rfa"):
+        assert_close(run_case(zoo.ALL[name], T=40, K=8, V=12, initial_state=True, config=cfg("paired")))
+    assert not used
 
 
 # --------------------------------------------------------------------------- the backward in key blocks

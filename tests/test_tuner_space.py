@@ -212,3 +212,25 @@ def test_a_per_key_backward_at_k_64_takes_its_own_tiles():
     for p in (GLA, Problem(K=64, V=64, dtype="fp32", decay="key")):
         assert (gpu_space("chunk_bwd", p).heuristic().num_warps, gpu_space("chunk_bwd", p).heuristic().num_stages) \
             == (8, 2)
+
+
+def test_the_paired_forward_is_searched_where_its_kernel_serves_the_mixer():
+    """chunk_fwd's strategies take "paired" for a decay per row or none, inclusive, without normalizer or bonus,
+    K <= 128 (codegen.chunk.pairs_ok); the backward has no strategy axis. The heuristic runs a bf16 forward
+    without a decay paired where it would run two-pass (few long sequences), in the tiles measured there."""
+    from mixforge.codegen.config import heuristic_config
+
+    plain = Problem(K=128, V=128, dtype="bf16", decay="none")
+    for p in (plain, MAMBA2, Problem(K=64, V=64, dtype="bf16", decay="constant")):
+        assert p.pairs and "paired" in gpu_space("chunk_fwd", p).choices("strategy")
+        assert any(c.strategy == "paired" for c in gpu_space("chunk_fwd", p).grid())
+    for p in (GLA, dataclasses.replace(plain, normalize=True), dataclasses.replace(MAMBA2, bonus=True),
+              dataclasses.replace(MAMBA2, inclusive=False), Problem(K=256, V=256, dtype="bf16", decay="scalar")):
+        assert not p.pairs and "paired" not in gpu_space("chunk_fwd", p).choices("strategy")
+    assert "strategy" not in gpu_space("chunk_bwd", plain).axes
+    few_long = heuristic_config("chunk_fwd", 128, 128, "bf16", decay="none", NH=16, T=32768)
+    assert few_long == KernelConfig(chunk=64, BV=64, num_warps=4, num_stages=1, strategy="paired")
+    assert gpu_space("chunk_fwd", plain).contains(few_long)
+    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=16, T=32768).strategy == "two_pass"
+    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="none", NH=256, T=2048).strategy == "fused"
+    assert heuristic_config("chunk_fwd", 256, 256, "bf16", decay="none", NH=16, T=32768).strategy != "paired"

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from filelock import FileLock
 
-from mixforge.codegen.config import KernelConfig
+from mixforge.codegen.config import STRATEGIES, KernelConfig
 
 from .keys import TuneKey, tuner_dir
 
@@ -75,7 +75,7 @@ def validate_entry(name: str, entry: Any) -> dict:
             raise CacheFormatError(f"entry {name!r}: config.{f} must be a positive integer, got {v!r}")
     if config.BK is not None and (isinstance(config.BK, bool) or not isinstance(config.BK, int) or config.BK < 1):
         raise CacheFormatError(f"entry {name!r}: config.BK must be null or a positive integer")
-    if config.strategy not in ("fused", "two_pass"):
+    if config.strategy not in STRATEGIES:
         raise CacheFormatError(f"entry {name!r}: config.strategy {config.strategy!r} is unknown")
     t = entry.get("time_ms")
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:

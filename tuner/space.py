@@ -19,7 +19,7 @@ import itertools
 import json
 from typing import Any, Iterable, Optional
 
-from mixforge.codegen.config import OUT_KEY_BLOCK, KernelConfig, heuristic_config, next_pow2
+from mixforge.codegen.config import OUT_KEY_BLOCK, STRATEGIES, KernelConfig, heuristic_config, next_pow2
 
 try:  # the chunk path's own validation; the tuner may import codegen
     from mixforge.codegen.chunk import check_config as _codegen_check
@@ -99,11 +99,19 @@ class Problem:
     decay: str = "key"         # Mixer.decay_kind: none | constant | scalar | key
     bonus: bool = False
     normalize: bool = False
+    inclusive: bool = True
 
     @classmethod
     def of(cls, mixer, K: int, V: int, dtype: str) -> "Problem":
         return cls(K=int(K), V=int(V), dtype=dtype, decay=mixer.decay_kind, bonus=mixer.bonus is not None,
-                   normalize=bool(mixer.normalize))
+                   normalize=bool(mixer.normalize), inclusive=bool(mixer.inclusive))
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the paired forward serves it (codegen.chunk.pairs_ok): a decay per row or none, inclusive,
+        no normalizer, no bonus, K <= 128."""
+        return (self.decay != "key" and self.inclusive and not self.normalize and not self.bonus
+                and next_pow2(self.K) <= 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +224,10 @@ def default_axes(kernel: str, p: Problem, interpret: bool = False) -> dict[str, 
     else:
         axes = {"chunk": (32, 64, 128), "BV": (16, 32, 64, 128),
                 "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "strategy": ("fused", "two_pass")}
-    if kernel == "chunk_bwd":   # the backward's kernels are the same for both strategies
+    if kernel == "chunk_bwd":   # the backward's kernels are the same for every strategy
         del axes["strategy"]
+    elif p.pairs:
+        axes["strategy"] += ("paired",)
     if not interpret and next_pow2(p.K) > MAX_WHOLE_K:
         # key blocks: the states walks' key split, the backward kernel's and the two-pass output kernel's
         axes["BK"] = (None, 128, 64)
@@ -257,7 +267,7 @@ class SearchSpace:
             why.append(f"BK={cfg.BK} is not a power of two")
         if not isinstance(cfg.num_stages, int) or cfg.num_stages < 1:
             why.append(f"num_stages={cfg.num_stages} must be >= 1")
-        if cfg.strategy not in ("fused", "two_pass"):
+        if cfg.strategy not in STRATEGIES:
             why.append(f"unknown strategy {cfg.strategy!r}")
         if why:
             return why
