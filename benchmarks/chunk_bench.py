@@ -80,13 +80,16 @@ def factors_pass_off(off: bool = True):
 
 
 def cfg_of(s: str):
-    """A config from chunk,BV,num_warps,num_stages[,BK][,t|f]: BK a key block (0: all of K), t two-pass,
-    f (the default) fused."""
+    """A config from chunk,BV,num_warps,num_stages[,BK][,t|p|f]: BK a key block (0: all of K), t two-pass,
+    p paired, f (the default) fused."""
     from mixforge.codegen.config import KernelConfig
     chunk, bv, w, st, *rest = s.split(",")
     bk = int(rest.pop(0)) if rest and rest[0].isdigit() else 0
+    strategy = {(): "fused", ("f",): "fused", ("t",): "two_pass", ("p",): "paired"}.get(tuple(rest))
+    if strategy is None:
+        raise ValueError(f"config {s!r}: chunk,BV,num_warps,num_stages[,BK][,t|p|f]")
     return KernelConfig(chunk=int(chunk), sub_chunk=16, BK=bk or None, BV=int(bv), num_warps=int(w),
-                        num_stages=int(st), strategy="two_pass" if rest == ["t"] else "fused")
+                        num_stages=int(st), strategy=strategy)
 
 
 def inputs(mixer, B, T, H, K, V, dtype, seed=0, decay="normal", requires_grad=False):
