@@ -321,3 +321,4 @@ def test_longer_chunks_win_a_backward_within_the_memory_tie(slower, wins):
     fused, two = KernelConfig(chunk=64), KernelConfig(chunk=64, strategy="two_pass")
     assert state_rows(fused, "chunk_bwd") == state_rows(two, "chunk_fwd") == 1 / 64
     assert state_rows(fused, "chunk_fwd") == state_rows(fused, "recurrent_fwd") == 0.0
+    assert state_rows(KernelConfig(chunk=64, strategy="paired"), "chunk_fwd") == 1 / 128

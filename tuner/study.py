@@ -550,12 +550,14 @@ class StudyReport:
 
 
 def state_rows(config: Optional[KernelConfig], kernel: str) -> float:
-    """How many chunk states per token a config keeps in HBM, relative (1 / chunk); 0 where it keeps none (the
-    fused forward, kernels that are not chunked)."""
+    """How many chunk states per token a config keeps in HBM, relative (1 / chunk, the paired forward's every
+    2 * chunk rows); 0 where it keeps none (the fused forward, kernels that are not chunked)."""
     if config is None:
         return math.inf
     if kernel == "chunk_bwd" or (kernel == "chunk_fwd" and config.strategy == "two_pass"):
         return 1 / config.chunk
+    if kernel == "chunk_fwd" and config.strategy == "paired":
+        return 1 / (2 * config.chunk)
     return 0.0
 
 
