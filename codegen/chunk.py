@@ -61,7 +61,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import STRATEGIES, KernelConfig, next_pow2
+from .config import STRATEGIES, KernelConfig, next_pow2, paired_serves
 
 
 @dataclasses.dataclass
@@ -425,7 +425,7 @@ def run_forward(c: ChunkCall, config: KernelConfig):
     if config.strategy == "paired" and pairs_ok(c):
         if N * H == 0:
             return o, _empty_final(c, want)[0], _empty_final(c, want)[1]
-        ST, _ = _paired_forward(c, config, o, want)
+        ST = _paired_forward(c, config, o, want)
         return o, (ST if want else None), None
     g = _geometry(c, config)
     if config.strategy == "fused":
@@ -443,25 +443,22 @@ def run_forward(c: ChunkCall, config: KernelConfig):
 
 
 def pairs_ok(c: ChunkCall) -> bool:
-    """Whether the paired forward serves this call's mixer: chunk_out_pairs_kernel keeps the two tiles' queries
-    and attention blocks of all of K (up to 128) and handles a decay per row or none, inclusive mixers without
-    a normalizer or a bonus."""
-    return (c.decay != "key" and c.inclusive and not c.normalize and not c.bonus
-            and max(16, next_pow2(c.K)) <= 128)
+    """Whether the paired forward serves this call's mixer (config.paired_serves)."""
+    return paired_serves(c.decay, c.inclusive, c.normalize, c.bonus, c.K)
 
 
 def _paired_forward(c: ChunkCall, config: KernelConfig, o, want: bool):
-    """The states walk over 2 * chunk rows, then chunk_out_pairs_kernel: (S_T, z_T), z_T a dummy (no
-    normalizer: pairs_ok)."""
+    """The states walk over 2 * chunk rows, then chunk_out_pairs_kernel: S_T (no z_T: pairs_ok has no
+    normalizer)."""
     g = _geometry(c, dataclasses.replace(config, chunk=2 * config.chunk))
-    Sbuf, _, ST, zT, _, _ = _states(c, g, store_final=want)
+    Sbuf, _, ST, _, _, _ = _states(c, g, store_final=want)
     if g.NC_total * c.H > 0:
         BT = config.chunk
         c.module.chunk_out_pairs_kernel[(g.NC_total * c.H,)](
             *c.map_args, o, Sbuf, *_seq_args(c, g), c.T, c.scale,
             H=c.H, K=c.K, V=c.V, BT=BT, BK=g.BK, BV=g.BV, LOG2_BT=BT.bit_length() - 1,
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)))
-    return ST, zT
+    return ST
 
 
 def _empty_final(c: ChunkCall, want: bool):

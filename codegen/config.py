@@ -101,6 +101,13 @@ def heuristic_config(kernel: str, K: int, V: int, dtype: str = "bf16", interpret
     return fit_pairs(fit_strategy(config, kernel, NH, T, V), kernel, K, dtype, decay)
 
 
+def paired_serves(decay: str, inclusive: bool, normalize: bool, bonus: bool, K: int) -> bool:
+    """Whether the paired forward serves a mixer (the one rule for codegen.chunk.pairs_ok and the tuner's space):
+    chunk_out_pairs_kernel keeps the two tiles' queries and attention blocks of all of K (up to 128) and handles
+    a decay per row or none, inclusive mixers without a normalizer or a bonus."""
+    return decay != "key" and inclusive and not normalize and not bonus and next_pow2(K) <= 128
+
+
 def fit_pairs(config: KernelConfig, kernel: str, K: int, dtype: str, decay: Optional[str]) -> KernelConfig:
     """A two-pass forward without a decay at K <= 128 in bf16 runs paired (states every 2 * chunk rows), in
     64-row tiles, 64-wide value blocks, 4 warps, 1 stage. B = 1, T = 32768, H = 16, K = V = 128

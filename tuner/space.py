@@ -19,7 +19,8 @@ import itertools
 import json
 from typing import Any, Iterable, Optional
 
-from mixforge.codegen.config import OUT_KEY_BLOCK, STRATEGIES, KernelConfig, heuristic_config, next_pow2
+from mixforge.codegen.config import (OUT_KEY_BLOCK, STRATEGIES, KernelConfig, heuristic_config, next_pow2,
+                                     paired_serves)
 
 try:  # the chunk path's own validation; the tuner may import codegen
     from mixforge.codegen.chunk import check_config as _codegen_check
@@ -108,10 +109,8 @@ class Problem:
 
     @property
     def pairs(self) -> bool:
-        """Whether the paired forward serves it (codegen.chunk.pairs_ok): a decay per row or none, inclusive,
-        no normalizer, no bonus, K <= 128."""
-        return (self.decay != "key" and self.inclusive and not self.normalize and not self.bonus
-                and next_pow2(self.K) <= 128)
+        """Whether the paired forward serves it (codegen.config.paired_serves, as the chunked path asks)."""
+        return paired_serves(self.decay, self.inclusive, self.normalize, self.bonus, self.K)
 
 
 @dataclasses.dataclass(frozen=True)
