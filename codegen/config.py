@@ -109,15 +109,15 @@ def paired_serves(decay: str, inclusive: bool, normalize: bool, bonus: bool, K: 
 
 
 def fit_pairs(config: KernelConfig, kernel: str, K: int, dtype: str, decay: Optional[str]) -> KernelConfig:
-    """A two-pass forward without a decay at K <= 128 in bf16 runs paired (states every 2 * chunk rows), in
-    64-row tiles, 64-wide value blocks, 4 warps, 1 stage. B = 1, T = 32768, H = 16, K = V = 128
-    (keyblock_bench-20261123-064205): linear attention 0.494 ms against 0.549 two-pass (its walk 241 against 272
-    us, its outputs 248 against 273). A decay per row gained in other tiles only (scalar decay 0.604 against
-    0.671 with 128-wide value blocks) and lost where the maps read a per-row input (mamba2 0.695 at best
-    against 0.653): that is the tuner's to find. A mixer the paired kernel does not serve (a normalizer) runs
-    the config two-pass."""
-    if (kernel != "chunk_fwd" or config.strategy != "two_pass" or decay != "none" or dtype != "bf16"
-            or config.BK is not None or next_pow2(K) > 128):
+    """A two-pass forward with all of K <= 128 in bf16 and no per-key decay runs paired (states every 2 * chunk
+    rows), in 64-row tiles, 64-wide value blocks, 4 warps, 1 stage. B = 1, T = 32768, H = 16, K = V = 128
+    (keyblock_bench-20261123-075008, against the heuristic's two-pass 64/64/4/2): linear attention 0.491 ms
+    against 0.545 (its walk 244 against 272 us, its outputs 249 against 267), scalar decay 0.601 against 0.674,
+    mamba2 0.644 against 0.678. Other paired tiles were slower at all three (64/128/4/2: 0.524, 0.627, 0.695; 8
+    warps 0.647-0.823). A mixer the paired kernel does not serve (a normalizer, a bonus, an exclusive one)
+    runs the config two-pass."""
+    if (kernel != "chunk_fwd" or config.strategy != "two_pass" or decay not in ("none", "scalar", "constant")
+            or dtype != "bf16" or config.BK is not None or next_pow2(K) > 128):
         return config
     return dataclasses.replace(config, strategy="paired", chunk=64, BV=64, num_warps=4, num_stages=1)
 

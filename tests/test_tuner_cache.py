@@ -265,12 +265,14 @@ def test_a_nearest_bucket_forward_runs_two_pass_where_fused_would_idle(tmp_path,
 def test_heuristic_forward_strategy_follows_sequences_and_length():
     from mixforge.codegen.config import heuristic_config
 
-    few_long = heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=16, T=32768)
+    few_long = heuristic_config("chunk_fwd", 128, 128, "fp32", decay="scalar", NH=16, T=32768)
     assert few_long.strategy == "two_pass"
-    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=256, T=2048).strategy == "fused"
-    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar").strategy == "fused"   # sizes unknown
-    assert dataclasses.replace(few_long, strategy="fused") == heuristic_config("chunk_fwd", 128, 128, "bf16",
+    assert heuristic_config("chunk_fwd", 128, 128, "fp32", decay="scalar", NH=256, T=2048).strategy == "fused"
+    assert heuristic_config("chunk_fwd", 128, 128, "fp32", decay="scalar").strategy == "fused"   # sizes unknown
+    assert dataclasses.replace(few_long, strategy="fused") == heuristic_config("chunk_fwd", 128, 128, "fp32",
                                                                               decay="scalar")
+    # in bf16 a few long sequences take the paired forward (codegen.config.fit_pairs)
+    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=16, T=32768).strategy == "paired"
 
 
 def test_shipped_defaults_are_valid_cache_files():

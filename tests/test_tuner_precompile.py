@@ -190,14 +190,14 @@ def test_tune_gives_each_kernel_a_compiler_closes_it_and_reports_compile_and_tim
 
 def test_tune_starts_from_what_the_shape_runs_untuned(tmp_path, monkeypatch):
     """The baseline (enqueued first, so never beaten by a slower pick) is the heuristic with its forward
-    strategy fitted to the shape, as the ops run it: two-pass for mamba2 at B*H = 16, T = 32768."""
+    strategy fitted to the shape, as the ops run it: paired for mamba2 at B*H = 16, T = 32768."""
     monkeypatch.setattr(api, "interpret_mode", lambda: False)   # the GPU space and heuristic, no GPU needed
     obj = SyntheticObjective()
     report = api.tune(mf.zoo.mamba2, (1, 32768, 16, 128, 128), "bf16", kernels=["chunk_fwd"], trials=2, jobs=0,
                       objective=lambda mixer, kernel, shape, dtype, **kw: obj,
                       storage=f"journal:{tmp_path / 'j.log'}", cache=ConfigCache(tmp_path / "c.json"))
     r, = list(report)
-    assert r.baseline_config.strategy == "two_pass" and obj.calls[0] == r.baseline_config
+    assert r.baseline_config.strategy == "paired" and obj.calls[0] == r.baseline_config
 
 
 def test_precompile_is_a_no_op_on_cpu_and_the_interpreter():

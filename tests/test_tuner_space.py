@@ -79,11 +79,12 @@ def test_heuristic_default_is_in_the_gpu_space():
 
 def test_heuristic_baseline_fits_its_strategy_to_the_tuned_shape():
     """The tuner's baseline is what the ops run untuned at that shape: at B*H = 16, T = 32768 the ops run
-    the heuristic's forward two-pass, so that is the config a tune must beat."""
-    for p in (GLA, MAMBA2):
+    the heuristic's forward two-pass (paired where that kernel serves the mixer), so that is the config a tune
+    must beat."""
+    for p, strategy in ((GLA, "two_pass"), (MAMBA2, "paired")):
         sp = gpu_space("chunk_fwd", p)
         few_long = sp.heuristic(NH=16, T=32768)
-        assert few_long.strategy == "two_pass" and sp.contains(few_long)
+        assert few_long.strategy == strategy and sp.contains(few_long)
         assert sp.heuristic(NH=256, T=2048) == sp.heuristic()      # enough programs: as chosen blind
         assert gpu_space("chunk_bwd", p).heuristic(NH=16, T=32768) == gpu_space("chunk_bwd", p).heuristic()
     assert gpu_space("chunk_fwd", MAMBA2).heuristic().strategy == "fused"   # so the fit above changed it
@@ -217,7 +218,7 @@ def test_a_per_key_backward_at_k_64_takes_its_own_tiles():
 def test_the_paired_forward_is_searched_where_its_kernel_serves_the_mixer():
     """chunk_fwd's strategies take "paired" for a decay per row or none, inclusive, without normalizer or bonus,
     K <= 128 (codegen.chunk.pairs_ok); the backward has no strategy axis. The heuristic runs a bf16 forward
-    without a decay paired where it would run two-pass (few long sequences), in the tiles measured there."""
+    without a per-key decay paired where it would run two-pass (few long sequences), in the tiles measured there."""
     from mixforge.codegen.config import heuristic_config
 
     plain = Problem(K=128, V=128, dtype="bf16", decay="none")
@@ -231,6 +232,9 @@ def test_the_paired_forward_is_searched_where_its_kernel_serves_the_mixer():
     few_long = heuristic_config("chunk_fwd", 128, 128, "bf16", decay="none", NH=16, T=32768)
     assert few_long == KernelConfig(chunk=64, BV=64, num_warps=4, num_stages=1, strategy="paired")
     assert gpu_space("chunk_fwd", plain).contains(few_long)
-    assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="scalar", NH=16, T=32768).strategy == "two_pass"
+    for decay in ("scalar", "constant"):    # a decay per row too, in the same tiles
+        assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay=decay, NH=16, T=32768) == few_long
+    for decay in ("key", None):             # per-key, or unknown: the per-key tiles, two-pass
+        assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay=decay, NH=16, T=32768).strategy == "two_pass"
     assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="none", NH=256, T=2048).strategy == "fused"
     assert heuristic_config("chunk_fwd", 256, 256, "bf16", decay="none", NH=16, T=32768).strategy != "paired"
