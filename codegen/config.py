@@ -68,12 +68,19 @@ FEW_PROGRAMS = 128
 SHORT_WALK = 16
 
 
+def walks_idle(NH: int, T: int, V: int, BV: int = 64, chunk: int = 64) -> bool:
+    """Whether a fused forward over NH sequence-heads of T tokens leaves the GPU idle: fewer than FEW_PROGRAMS
+    programs (one a value block of BV, sequence and head), each walking more than SHORT_WALK chunks. The default
+    tiles are the heuristic's for a decay that is not per key."""
+    return NH * -(-V // BV) < FEW_PROGRAMS and -(-T // chunk) > SHORT_WALK
+
+
 def fit_strategy(config: KernelConfig, kernel: str, NH: int, T: int, V: int) -> KernelConfig:
     """`config`, with the two-pass forward where its fused forward would leave the GPU idle: NH sequence-heads
     of T tokens each. For configs chosen without these sizes (heuristics, another bucket's tuned config)."""
     if kernel != "chunk_fwd" or config.strategy != "fused" or NH <= 0 or T <= 0:
         return config
-    if NH * -(-V // config.BV) >= FEW_PROGRAMS or -(-T // config.chunk) <= SHORT_WALK:
+    if not walks_idle(NH, T, V, config.BV, config.chunk):
         return config
     return dataclasses.replace(config, strategy="two_pass")
 

@@ -242,24 +242,60 @@ def test_among_equally_near_entries_of_earlier_sources_the_latest_tuned_wins(tmp
 
 
 def test_a_nearest_bucket_forward_runs_two_pass_where_fused_would_idle(tmp_path, monkeypatch):
-    """A fused forward tuned at B*H = 64 walks each sequence in one program per value block; at B = 1, H = 16,
-    T = 32768 that is 32 programs on 132 SMs, so the borrowed config switches to the two-pass strategy. The
-    exact bucket's own tuned config is never changed."""
+    """A fused forward tuned at B = 1, H = 16, T = 8192 walks each sequence in one program per value block; at
+    T = 32768 that is 32 programs on 132 SMs walking 512 chunks each, so the borrowed config switches to the
+    two-pass strategy. The exact bucket's own tuned config is never changed."""
     import mixforge.tuner.lookup as lk
 
     monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
         T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh))
     shipped = ConfigCache(tmp_path / "shipped.json")
-    put(shipped, key(), chunk=64)                      # fused, BV 64 (KernelConfig's defaults)
+    put(shipped, key(B=1, T=8192), chunk=64)           # fused, BV 64 (KernelConfig's defaults)
     look = TunedLookup(user=ConfigCache(tmp_path / "user.json"), shipped=[shipped], autotune=False)
     long_few = ShapeKey("chunk_fwd", "bf16", 1, 32768, 16, 128, 128)
     assert look.resolve("abc123", long_few).source == "shipped-nearest"
     assert look("abc123", long_few).strategy == "two_pass" and look("abc123", long_few).chunk == 64
-    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128)).strategy == "fused"   # exact
-    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 16, 2048, 16, 128, 128)).strategy == "fused"  # 512 programs
-    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 1, 512, 16, 128, 128)).strategy == "fused"    # 8 chunks
-    put(shipped, key(kernel="chunk_bwd"), chunk=64)
+    assert look("abc123", ShapeKey("chunk_fwd", "bf16", 1, 8192, 16, 128, 128)).strategy == "fused"   # exact
+    put(shipped, key(kernel="chunk_bwd", B=1, T=8192), chunk=64)
     assert look("abc123", ShapeKey("chunk_bwd", "bf16", 1, 32768, 16, 128, 128)).strategy == "fused"  # no such axis
+
+
+def test_a_forward_borrows_only_from_its_walk_regime(tmp_path, monkeypatch):
+    """Few long sequences (a fused forward's walks would idle: codegen.config.walks_idle) and many are tuned
+    apart: a forward tuned at B = 4, T = 4096 does not serve B = 1, T = 32768 (the heuristic does, fitted to
+    that shape), nor one tuned at B = 1 a call at B = 16; each still serves its own side, the backward both.
+    The tuned shape decides, or without one the entry's buckets; a bucket of B*H can span both sides, and so
+    the memo tells them apart."""
+    import mixforge.tuner.lookup as lk
+
+    monkeypatch.setattr(lk, "make_key", lambda mh, kernel, dt, B, T, H, K, V: key(
+        T=T, B=B, H=H, K=K, V=V, kernel=kernel, dtype=dt, mixer=mh))
+    many, few = ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128), ShapeKey("chunk_fwd", "bf16", 1, 32768, 16, 128, 128)
+    shipped = ConfigCache(tmp_path / "shipped.json")
+    shipped.put(key(B=4, T=4096), KernelConfig(chunk=32), 1.0, shape=[4, 4096, 16, 128, 128])
+    look = TunedLookup(user=ConfigCache(tmp_path / "user.json"), shipped=[shipped], autotune=False)
+    assert look.resolve("abc123", few).source == "heuristic" and look("abc123", few) is None
+    assert look.resolve("abc123", dataclasses.replace(many, B=16, T=2048)).source == "shipped-nearest"
+    shipped.put(key(kernel="chunk_bwd", B=4, T=4096), KernelConfig(chunk=32), 1.0, shape=[4, 4096, 16, 128, 128])
+    look.invalidate()
+    assert look.resolve("abc123", dataclasses.replace(few, kernel="chunk_bwd")).source == "shipped-nearest"
+    # an entry of the other side, tuned at B = 1 (shape) or only bucketed there (no shape)
+    shipped.put(key(B=1, T=8192), KernelConfig(chunk=128), 1.0, shape=[1, 8192, 16, 128, 128])
+    look.invalidate()
+    assert look("abc123", few).chunk == 128
+    assert look("abc123", dataclasses.replace(many, B=16, T=2048)).chunk == 32
+    # one bucket of B*H (17-64), both sides: 32 sequence-heads idle at T = 4096, 64 do not
+    assert lk._same_walk_regime(ShapeKey("chunk_fwd", "bf16", 2, 4096, 16, 128, 128),
+                                {"key": key(B=1, T=8192).to_dict()}) is True
+    assert lk._same_walk_regime(ShapeKey("chunk_fwd", "bf16", 4, 4096, 16, 128, 128),
+                                {"key": key(B=1, T=8192).to_dict()}) is False
+    user = ConfigCache(tmp_path / "user2.json")
+    user.put(key(B=2, T=4096), KernelConfig(chunk=16), 1.0, shape=[2, 4096, 16, 128, 128])
+    look = TunedLookup(user=user, shipped=[], autotune=False)
+    assert look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 2, 4096, 16, 128, 128)).source == "user"
+    assert look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 3, 3000, 16, 128, 128)).source == "user"  # exact key
+    assert look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 4, 16384, 16, 128, 128)).source == "heuristic"
+    assert look.resolve("abc123", ShapeKey("chunk_fwd", "bf16", 2, 16384, 16, 128, 128)).source == "user-nearest"
 
 
 def test_heuristic_forward_strategy_follows_sequences_and_length():

@@ -9,7 +9,9 @@ For (mixer, ShapeKey) it answers, in order:
    not depend on T or B*H for validity, only for speed); among equally near
    buckets the same kernel source, then the same Triton version, then the
    latest tuned (a config tuned on an earlier template version still beats the
-   heuristic; it must be valid in today's search space to be used),
+   heuristic; it must be valid in today's search space to be used). A forward
+   borrows only from a shape on the same side of `codegen.config.walks_idle`
+   as the call: few long sequences against many (`_same_walk_regime`),
 4. None: the ops use `codegen.config.heuristic_config`.
 A nearest bucket's forward config takes the two-pass strategy where its fused
 forward would leave the GPU idle at this call's B*H and T
@@ -31,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from mixforge.codegen.config import KernelConfig, ShapeKey, fit_strategy
+from mixforge.codegen.config import KernelConfig, ShapeKey, fit_strategy, walks_idle
 
 from .cache import ConfigCache
 from .keys import TuneKey, bucket, current_device, dtype_name, make_key, source_hash, triton_version
@@ -105,6 +107,29 @@ def _nearest(cache: ConfigCache, key: TuneKey, usable=lambda e: True) -> Optiona
     return (best[1], best[2]) if best else None
 
 
+def _same_walk_regime(sk: ShapeKey, entry: dict) -> bool:
+    """Whether a forward tuned for `entry`'s shape may serve the call `sk`: both leave a fused forward's walks
+    idle (few long sequences) or neither does (codegen.config.walks_idle). Where the walks idle, the forward's
+    best tiles are the ones that shorten the states walk, not the ones that fill the GPU with sequences: the
+    zoo's forwards at B = 1, T = 32768, H = 16, K = V = 128 on the H100 (lookup_regime-20261123-0816-h100.json)
+    took 11-29% less time with the heuristic fitted to that shape than with the configs tuned at B = 4,
+    T = 4096 (retnet 0.872 against 1.236 ms, rfa 2.599 against 3.327, linear attention 1.093 against 1.264),
+    the same within 1.5% for the per-key decays, and 6% more for griffin (0.405 against 0.383). Other kernels,
+    and an entry without its tuned shape (its buckets stand in for it), are not held to it."""
+    if sk.kernel != "chunk_fwd":
+        return True
+    shape = entry.get("shape")
+    if shape and len(shape) == 5:
+        B, T, H = shape[0], shape[1], shape[2]
+        NH = B * H
+    else:
+        k = entry.get("key", {})
+        NH, T = k.get("BH_bucket", -1), k.get("T_bucket", -1)
+    if NH <= 0 or T <= 0:
+        return True
+    return walks_idle(NH, T, sk.V) == walks_idle(sk.B * sk.H, sk.T, sk.V)
+
+
 def _recency(entry: dict) -> float:
     """Sorts later-tuned entries first: minus the entry's creation time (an entry without one sorts last)."""
     try:
@@ -153,8 +178,10 @@ class TunedLookup:
 
     def resolve(self, mixer, sk: ShapeKey) -> Resolution:
         # memoized per (mixer object, kernel, dtype, K, V, buckets, GPU): no hashing of the mixer on a hit
+        # (and the walk regime, which a bucket of B*H can span: _same_walk_regime)
         memo_key = (mixer if isinstance(mixer, str) else id(mixer), sk.kernel, sk.dtype, sk.K, sk.V,
-                    bucket(sk.T) if sk.T >= 0 else -1, bucket(sk.B * sk.H) if sk.B >= 0 else -1, _device_index())
+                    bucket(sk.T) if sk.T >= 0 else -1, bucket(sk.B * sk.H) if sk.B >= 0 else -1, _device_index(),
+                    sk.T >= 0 and sk.B >= 0 and walks_idle(sk.B * sk.H, sk.T, sk.V))
         hit = self._memo.get(memo_key)
         if hit is not None and hit[0] is mixer:
             return hit[1]
@@ -167,6 +194,7 @@ class TunedLookup:
         ok = lambda e: self._usable(mixer, sk, e)  # noqa: E731
         if sk.T < 0 or sk.B < 0:  # sizes unknown (symbolic under torch.compile): the nearest bucket to typical
             return self._nearest_resolution(key, ok)
+        near_ok = lambda e: _same_walk_regime(sk, e) and ok(e)  # noqa: E731
         entry = self.user.get(key)
         if entry is not None and ok(entry):
             return Resolution(KernelConfig.from_dict(entry["config"]), "user", key, entry)
@@ -178,7 +206,7 @@ class TunedLookup:
             entry = cache.get(key)
             if entry is not None and ok(entry):
                 return Resolution(KernelConfig.from_dict(entry["config"]), "shipped", key, entry)
-        return self._nearest_resolution(key, ok)
+        return self._nearest_resolution(key, near_ok)
 
     def _nearest_resolution(self, key: TuneKey, ok) -> Resolution:
         """The nearest bucket's config, the user's on a tie with a shipped one; else the heuristic."""
