@@ -115,13 +115,16 @@ class MixerOps:
         tuner's lookup then takes its bucket nearest to T = 4096, B*H = 64; every
         tuned config is valid at every length, only its speed depends on the bucket).
         """
+        # sizes per sequence: a varlen batch (B = 1, T packed) asks as N sequences of its mean length, the
+        # dense shape a config is tuned and bucketed at
+        T_seq = shapes.T // max(shapes.N, 1) if shapes.varlen else shapes.T
         if self.config_lookup is not None:
-            B, T = (-1, -1) if torch.compiler.is_compiling() else (shapes.B, shapes.T)
+            B, T = (-1, -1) if torch.compiler.is_compiling() else (shapes.N, T_seq)
             found = _looked_up(self._lookup_id, kernel, _DTYPE_NAMES[shapes.dtype], B, T, shapes.H, shapes.K,
                                shapes.V)
             if found is not None:
                 return KernelConfig(*found)
-        sizes = {} if torch.compiler.is_compiling() else dict(NH=shapes.N * shapes.H, T=shapes.T // max(shapes.N, 1))
+        sizes = {} if torch.compiler.is_compiling() else dict(NH=shapes.N * shapes.H, T=T_seq)
         return heuristic_config(kernel, shapes.K, shapes.V, _DTYPE_NAMES[shapes.dtype],
                                 interpret=shapes.device.type != "cuda", decay=self.plan.decay, **sizes)
 

@@ -123,6 +123,23 @@ def test_config_lookup_is_asked_per_kernel():
     assert asked[0].dtype == "fp32" and (asked[0].T, asked[0].K, asked[0].V) == (5, 4, 3)
 
 
+def test_configs_are_chosen_by_the_sizes_of_one_sequence(monkeypatch):
+    """The lookup and the heuristic see N sequences of T tokens each: a dense [4, 4096] batch as B = 4,
+    T = 4096 (not 1024 tokens a sequence), a varlen batch of 16 sequences packed in T = 32768 as 16 of 2048
+    (not one sequence of 32768: its fused forward's programs are 16 times as many)."""
+    from mixforge.codegen import ops as ops_mod
+    from mixforge.spec.shapes import CallShapes
+
+    asked, sized = [], []
+    real = ops_mod.heuristic_config
+    monkeypatch.setattr(ops_mod, "heuristic_config", lambda *a, **k: sized.append(k) or real(*a, **k))
+    ops = mf.compile(mf.zoo.gla, config_lookup=lambda mixer, key: asked.append(key))
+    for B, T, N, varlen in ((4, 4096, 4, False), (1, 32768, 16, True)):
+        ops.config("chunk_fwd", CallShapes(B, T, 16, 128, 128, N, (), torch.bfloat16, torch.device("cpu"), varlen))
+    assert [(k.B, k.T) for k in asked] == [(4, 4096), (16, 2048)]
+    assert [(k["NH"], k["T"]) for k in sized] == [(64, 4096), (256, 2048)]
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementation, autograd registration: torch's own consistency checks."""
     ops = ops_for("rwkv4")
