@@ -200,6 +200,23 @@ def test_tune_starts_from_what_the_shape_runs_untuned(tmp_path, monkeypatch):
     assert r.baseline_config.strategy == "paired" and obj.calls[0] == r.baseline_config
 
 
+def test_a_tune_is_keyed_by_the_dimensions_the_mixer_has(tmp_path):
+    """griffin keeps one channel a head (no operand has a key axis: its calls have K = 1, whatever K a tune's
+    shape names), so its configs are tuned, keyed and found at K = 1; the lookup then serves its calls."""
+    from mixforge.codegen.config import ShapeKey
+    from mixforge.tuner.lookup import TunedLookup
+
+    cache, shapes = ConfigCache(tmp_path / "c.json"), []
+    report = api.tune(mf.zoo.griffin, (1, 64, 2, 16, 8), "fp32", kernels=["chunk_fwd"], trials=2, jobs=0,
+                      objective=lambda mixer, kernel, shape, dtype, **kw: shapes.append(shape) or SyntheticObjective(),
+                      storage=f"journal:{tmp_path / 'j.log'}", cache=cache)
+    r, = list(report)
+    assert (r.key.K, r.key.V) == (1, 8) and {(s.K, s.V) for s in shapes} == {(1, 8)}
+    look = TunedLookup(user=cache, shipped=[], autotune=False)
+    assert look.resolve(mf.zoo.griffin, ShapeKey("chunk_fwd", "fp32", 1, 64, 2, 1, 8)).source == "user"
+    assert api.call_shape(mf.zoo.gla, api.Shape(1, 64, 2, 16, 8)) == api.Shape(1, 64, 2, 16, 8)
+
+
 def test_precompile_is_a_no_op_on_cpu_and_the_interpreter():
     assert default_jobs() == 0
     assert make_precompiler(mf.zoo.gla, "chunk_fwd", (1, 16, 1, 16, 16), "fp32", jobs=8) is None

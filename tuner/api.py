@@ -82,6 +82,16 @@ def _shapes(shapes) -> list[Shape]:
     return [Shape.parse(s) for s in shapes]
 
 
+def call_shape(mixer, shape: Shape) -> Shape:
+    """`shape` as the mixer's calls have it, which is how the ops look configs up: K = 1 where no operand has
+    a key axis (griffin's maps keep one channel a head: fq = 1), V = 1 where none has a value axis. A config
+    tuned under the K a shape names would be keyed where no call of the mixer ever looks."""
+    from mixforge.spec.symbols import KEY, VALUE
+
+    dims = {o.dim for o in mixer.operands}
+    return dataclasses.replace(shape, K=shape.K if KEY in dims else 1, V=shape.V if VALUE in dims else 1)
+
+
 def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None, trials: int = DEFAULT_TRIALS,
          storage: Optional[str] = None, timeout: Optional[float] = None, trial_timeout: Optional[float] = 300.0,
          seed: int = 0, force: bool = False, grid: bool = False, cache: Optional[ConfigCache] = None,
@@ -90,6 +100,7 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
          jobs: Optional[int] = None, batch: Optional[int] = None,
          precompiler: Optional[PrecompilerFactory] = None) -> TuneReport:
     """Tune `mixer`'s kernels for `shapes` (one (B, T, H, K, V) or a list) and `dtype`; cache the best configs.
+    A K or V the mixer has no axis for is taken as 1 (`call_shape`), as its calls have it.
 
     kernels: default ("chunk_fwd", "chunk_bwd"). trials: the study's target number
     of evaluated trials per kernel (a repeated call with the same or fewer trials is
@@ -125,7 +136,7 @@ def tune(mixer, shapes, dtype="bf16", *, kernels: Optional[Iterable[str]] = None
         from .precompile import make_precompiler as precompiler
     jobs = default_jobs() if jobs is None else max(0, int(jobs))
     notify = callback or (lambda e: None)
-    todo = [(s, k) for s in _shapes(shapes) for k in kernels]
+    todo = [(call_shape(mixer, s), k) for s in _shapes(shapes) for k in kernels]
     deadline = time.monotonic() + timeout if timeout else None
     results = []
     interp = interpret_mode()
