@@ -90,6 +90,21 @@ def test_heuristic_baseline_fits_its_strategy_to_the_tuned_shape():
     assert gpu_space("chunk_fwd", MAMBA2).heuristic().strategy == "fused"   # so the fit above changed it
 
 
+def test_a_per_key_forward_over_few_long_sequences_takes_four_warps():
+    """The tuner's pick for four per-key mixers at B = 1, T = 32768 (codegen.config.fit_per_key_warps); at
+    B = 4, T = 4096, with the sizes unknown, or in fp32 the grid's 8 warps stay."""
+    from mixforge.codegen.config import heuristic_config
+
+    few_long = heuristic_config("chunk_fwd", 128, 128, "bf16", decay="key", NH=16, T=32768)
+    assert (few_long.chunk, few_long.BV, few_long.num_warps, few_long.num_stages, few_long.strategy) == \
+        (32, 128, 4, 3, "two_pass")
+    assert gpu_space("chunk_fwd", GLA).contains(few_long)
+    for kw in (dict(NH=64, T=4096), {}):
+        assert heuristic_config("chunk_fwd", 128, 128, "bf16", decay="key", **kw).num_warps == 8
+    assert heuristic_config("chunk_fwd", 128, 128, "fp32", decay="key", NH=16, T=32768).num_warps == 8
+    assert heuristic_config("chunk_bwd", 128, 128, "bf16", decay="key", NH=16, T=32768).num_warps == 8
+
+
 def test_axes_follow_the_kernel_and_the_decay():
     rec = gpu_space("recurrent_fwd")
     assert set(rec.axes) == {"BV", "num_warps"}
