@@ -16,6 +16,7 @@ import torch
 from .config import next_pow2
 from .core import CallContext, FeatureGrads
 from .epilogue import row_block
+from .launch import launch
 from .recurrent import MIN_TILE
 
 
@@ -52,7 +53,7 @@ def raw_grads(ctx: CallContext, fg: FeatureGrads, dfg: Optional[torch.Tensor],
         else:                             # one partial sum per row block
             outs[o.name] = new((NB,) + tuple(x.shape), **f32)
     if writes:
-        ctx.module.chain_kernel[(NB, sh.H // R)](
+        launch(ctx.module.chain_kernel, (NB, sh.H // R))(
             *ctx.kernel_args(), *(outs[o.name] for o in plan.operands if o.name in outs),
             fg.dfq, fg.dfk, fg.dfv, fg.dfa, dfg, fg.dw, do, ctx.positions, ctx.scale, NT,
             H=sh.H, K=sh.K, V=sh.V, BT=BT, BK=BK, BV=BV, R=R)

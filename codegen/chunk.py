@@ -62,6 +62,7 @@ from typing import Any, Optional
 import torch
 
 from .config import STRATEGIES, KernelConfig, next_pow2, paired_serves
+from .launch import launch
 
 
 @dataclasses.dataclass
@@ -368,12 +369,12 @@ def _states(c: ChunkCall, g: _Geom, store_final: bool, for_backward: bool = Fals
         qe = torch.empty_like(kd) if for_backward else d
         dl = torch.empty((g.NC_total, H, K) if c.decay == "key" else (g.NC_total, H), dtype=torch.float32,
                          device=dev)
-        c.module.chunk_keys_kernel[(g.NC_total * H,)](
+        launch(c.module.chunk_keys_kernel, (g.NC_total * H,))(
             *c.map_args, kd, dl, qe, *_seq_args(c, g), c.T, c.scale,
             H=H, K=K, BT=g.BT, BK=g.BK, VARLEN=c.cu_seqlens is not None, QE=for_backward, FACT=g.fact,
             **_launch_opts(g, _interpret(c)))
     if N * H > 0:
-        c.module.chunk_states_kernel[(g.state_blocks(K, V), N * H)](
+        launch(c.module.chunk_states_kernel, (g.state_blocks(K, V), N * H))(
             *c.map_args,
             c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf, kd, dl,
             *_seq_args(c, g),
@@ -392,7 +393,7 @@ def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, z
     if not fused and out_key_blocks(c, g):
         # one program per (V-block, chunk, head)
         if g.NC_total * H > 0:
-            c.module.chunk_out_kernel[(g.NV, g.NC_total * H)](
+            launch(c.module.chunk_out_kernel, (g.NV, g.NC_total * H))(
                 *c.map_args, o, on, den, Sbuf, zbuf, *_seq_args(c, g), c.T, c.scale,
                 H=H, K=K, V=V, BT=g.BT, BK=g.KB, NK=g.NK, BV=g.BV, LOG2_BT=g.LOG2_BT,
                 VARLEN=c.cu_seqlens is not None, SAVE_ON=save_on, DOT_DT=g.dot_dt, PREC=g.prec,
@@ -402,7 +403,7 @@ def _fwd_kernel(c: ChunkCall, g: _Geom, fused: bool, o, on, den, ST, zT, Sbuf, z
     grid = (g.NV, N * H) if fused else (1, g.NC_total * H)
     if grid[1] == 0:
         return
-    c.module.chunk_fwd_kernel[grid](
+    launch(c.module.chunk_fwd_kernel, grid)(
         *c.map_args,
         o, on, den, c.S0 if c.S0 is not None else d, c.z0 if c.z0 is not None else d, ST, zT, Sbuf, zbuf,
         *_seq_args(c, g),
@@ -454,7 +455,7 @@ def _paired_forward(c: ChunkCall, config: KernelConfig, o, want: bool):
     Sbuf, _, ST, _, _, _ = _states(c, g, store_final=want)
     if g.NC_total * c.H > 0:
         BT = config.chunk
-        c.module.chunk_out_pairs_kernel[(g.NC_total * c.H,)](
+        launch(c.module.chunk_out_pairs_kernel, (g.NC_total * c.H,))(
             *c.map_args, o, Sbuf, *_seq_args(c, g), c.T, c.scale,
             H=c.H, K=c.K, V=c.V, BT=BT, BK=g.BK, BV=g.BV, LOG2_BT=BT.bit_length() - 1,
             VARLEN=c.cu_seqlens is not None, DOT_DT=g.dot_dt, PREC=g.prec, **_launch_opts(g, _interpret(c)))
@@ -510,7 +511,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     dS0 = torch.empty(N, H, K, V, **f32) if store_ds0 else d
     dz0 = torch.empty(N, H, K, **f32) if (store_ds0 and c.normalize) else d
     if N * H > 0:
-        c.module.chunk_dstates_kernel[(g.state_blocks(K, V), N * H)](
+        launch(c.module.chunk_dstates_kernel, (g.state_blocks(K, V), N * H))(
             *c.map_args,
             do, den, dden, dS_T if use_dst else d, dz_T if (use_dst and c.normalize) else d,
             dS0, dz0, dSbuf, dzbuf, qe, dl,
@@ -544,7 +545,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
     kdbuf = torch.empty(max(g.NC_total, 1), H, g.BT, K, dtype=sdt, device=dev) if blocks else d
     Abuf = torch.empty(g.NK, max(g.NC_total, 1), H, g.BT, g.BT, **f32) if blocks else d
     if n_prog > 0:
-        c.module.chunk_bwd_kernel[(n_prog, g.NK)](
+        launch(c.module.chunk_bwd_kernel, (n_prog, g.NK))(
             *c.map_args,
             do, den, dden, Sbuf, zbuf, dSbuf, dzbuf, kdbuf, Abuf,
             dq, dk, dv, dfa, dk2, dv2, dw,
@@ -555,7 +556,7 @@ def run_backward(c: ChunkCall, config: KernelConfig, do: torch.Tensor, dS_T: Opt
             **_launch_opts(g, _interpret(c)),
         )
         if blocks:
-            c.module.chunk_dv_kernel[(n_prog,)](
+            launch(c.module.chunk_dv_kernel, (n_prog,))(
                 *c.map_args,
                 do, den, dSbuf, kdbuf, Abuf, dv, dv2,
                 *_seq_args(c, g),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -34,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from ..spec.mixer import Mixer
 from ..spec.shapes import CallShapes
-from . import chainrule, epilogue
+from . import chainrule, epilogue, launch
 from .config import KernelConfig
 from .core import CallContext
 from .plan import KernelPlan
@@ -223,6 +224,48 @@ def _backward(ctx, dy, do_unused, dS_T, dz_T):
 mixer_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------- compiling ahead
+
+#: the kinds of call whose kernels this process compiled ahead (see compile_first)
+_COMPILED_AHEAD: set = set()
+
+
+def compiles_ahead(device: torch.device) -> bool:
+    """Whether calls on `device` compile their kernels (a GPU, not Triton's interpreter)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def compile_first(key: str, path: str, config: str, bwd_config: str, tensors: list[torch.Tensor],
+                  S0: Optional[torch.Tensor], z0: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                  positions: Optional[torch.Tensor], scale: float, output_final_state: bool, grad: bool) -> None:
+    """Before the first call of its kind on a GPU, compile its kernels in parallel threads (launch.py).
+
+    The dry run is this call's forward and, where a gradient is wanted, its backward, at its own sizes (what
+    the host decides from the sizes, the kernels' variants included, is then exactly the call's). A kind is
+    what selects the kernels short of the sizes: mixer, path, configs, dtype, device and the optional
+    tensors. A later call of a known kind that Triton specializes differently (an integer argument newly
+    divisible by 16) compiles as it launches, as every call did before. The dry backward takes no gradient
+    of the final state: a loss that uses it compiles that variant at its backward."""
+    first = tensors[0]
+    if not compiles_ahead(first.device):
+        return
+    kind = (key, path, config, bwd_config if grad else None, first.dtype, first.device, cu_seqlens is not None,
+            S0 is not None, z0 is not None, output_final_state)
+    if kind in _COMPILED_AHEAD:
+        return
+    _COMPILED_AHEAD.add(kind)
+
+    def dry_run():
+        y, o, _, _ = forward_impl(key, path, config, tensors, S0, z0, cu_seqlens, positions, scale,
+                                  output_final_state)
+        if grad:
+            backward_impl(key, path, bwd_config, tensors, S0, z0, cu_seqlens, positions, scale, o,
+                          torch.empty_like(y), None, None)
+
+    with torch.no_grad():
+        launch.compile_ahead(dry_run, first.device)
+
+
 # ---------------------------------------------------------------------------- the eager call
 
 class _EagerCall(torch.autograd.Function):
@@ -260,6 +303,8 @@ def call(key: str, path: str, config: str, bwd_config: str, tensors: list[torch.
     rest = (cu_seqlens, positions, scale, output_final_state)
     if torch.compiler.is_compiling():
         return torch.ops.mixforge.mixer_fwd(*args, tensors, S0, z0, *rest)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, S0, z0)):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, S0, z0))
+    compile_first(*args, tensors, S0, z0, *rest, grad)
+    if grad:
         return _EagerCall.apply(*args, S0, z0, *rest, *tensors)
     return forward_impl(key, path, config, tensors, S0, z0, *rest)

@@ -15,6 +15,7 @@ import torch
 
 from .config import next_pow2
 from .core import CallContext
+from .launch import launch
 
 #: elements of one [rows, V] tile a program aims for
 TILE_ELEMENTS = 4096
@@ -34,7 +35,7 @@ def forward(ctx: CallContext, o: torch.Tensor) -> torch.Tensor:
     y = torch.empty(sh.B, sh.T, sh.H, sh.V, dtype=sh.dtype, device=ctx.device)
     NT = sh.B * sh.T
     BT, BV = row_block(sh.V, NT), max(16, next_pow2(sh.V))
-    ctx.module.epilogue_fwd_kernel[(-(-NT // BT), sh.H)](
+    launch(ctx.module.epilogue_fwd_kernel, (-(-NT // BT), sh.H))(
         *ctx.kernel_args(), o, y, ctx.positions, NT, H=sh.H, V=sh.V, BT=BT, BV=BV)
     return y
 
@@ -51,6 +52,6 @@ def backward(ctx: CallContext, o: torch.Tensor, dy: torch.Tensor) -> tuple[torch
     dfg = torch.empty_like(do) if ctx.plan.gate else None
     NT = sh.B * sh.T
     BT, BV = row_block(sh.V, NT), max(16, next_pow2(sh.V))
-    ctx.module.epilogue_bwd_kernel[(-(-NT // BT), sh.H)](
+    launch(ctx.module.epilogue_bwd_kernel, (-(-NT // BT), sh.H))(
         *ctx.kernel_args(), o, dy, do, dfg, ctx.positions, NT, H=sh.H, V=sh.V, BT=BT, BV=BV)
     return do, dfg

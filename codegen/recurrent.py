@@ -21,6 +21,7 @@ import torch
 from .config import KernelConfig, next_pow2
 from .core import CallContext, CoreForward, FeatureGrads
 from .epilogue import row_block
+from .launch import launch
 
 #: the smallest tile: Triton's layouts want at least 16 elements along a dimension
 MIN_TILE = 16
@@ -33,7 +34,7 @@ def tiles(K: int, V: int, config: KernelConfig) -> tuple[int, int, int]:
     return BK, BV, -(-V // BV)
 
 
-def _launch(config: KernelConfig, device: torch.device) -> dict:
+def _launch_opts(config: KernelConfig, device: torch.device) -> dict:
     return {} if device.type != "cuda" else {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
@@ -47,7 +48,7 @@ def decay_factors(ctx: CallContext) -> Optional[torch.Tensor]:
     if NT:
         BK = max(MIN_TILE, next_pow2(sh.K))
         BT = row_block(BK, NT)
-        ctx.module.recurrent_decay_kernel[(-(-NT // BT), sh.H)](
+        launch(ctx.module.recurrent_decay_kernel, (-(-NT // BT), sh.H))(
             *ctx.kernel_args(), ea, ctx.positions, NT, H=sh.H, K=sh.K, BT=BT, BK=BK)
     return ea
 
@@ -59,11 +60,11 @@ def forward(ctx: CallContext, config: KernelConfig) -> CoreForward:
     o = torch.empty(sh.B, sh.T, sh.H, sh.V, **f32)
     S_T = torch.empty(sh.N, sh.H, sh.K, sh.V, **f32) if ctx.output_final_state else None
     z_T = torch.empty(sh.N, sh.H, sh.K, **f32) if ctx.output_final_state and plan.normalize else None
-    ctx.module.recurrent_fwd_kernel[(sh.N * sh.H, NV)](
+    launch(ctx.module.recurrent_fwd_kernel, (sh.N * sh.H, NV))(
         *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_T, z_T, decay_factors(ctx), ctx.cu_seqlens, ctx.scale, sh.T,
         H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV,
         USE_S0=ctx.S0 is not None, STORE_ST=ctx.output_final_state, VARLEN=ctx.cu_seqlens is not None,
-        **_launch(config, ctx.device))
+        **_launch_opts(config, ctx.device))
     return CoreForward(o, S_T, z_T)
 
 
@@ -92,14 +93,14 @@ def backward(ctx: CallContext, config: KernelConfig, do: torch.Tensor, dS_T: Opt
         dS_T = torch.zeros(N, H, K, V, **f32)
     if dz_T is None and dS_T is not None and plan.normalize:
         dz_T = torch.zeros(N, H, K, **f32)
-    ctx.module.recurrent_bwd_kernel[(N * H, NV)](
+    launch(ctx.module.recurrent_bwd_kernel, (N * H, NV))(
         # the factors again rather than kept from the forward: one pass over a, instead of an fp32
         # [B*T, H, K] tensor held between the passes
         *ctx.kernel_args(), do, ctx.S0, ctx.z0, dS_T, dz_T, decay_factors(ctx), ctx.cu_seqlens,
         dq, dlq, dk, dv, da, dw, dS0, dz0, aux, ctx.scale, T, NT,
         H=H, K=K, V=V, BK=BK, BV=BV,
         USE_S0=ctx.S0 is not None, USE_DST=dS_T is not None, VARLEN=ctx.cu_seqlens is not None,
-        **_launch(config, ctx.device))
+        **_launch_opts(config, ctx.device))
     dfa = None
     if plan.decay == "key":
         dfa = da.sum(0).view(B, T, H, K)
@@ -131,7 +132,7 @@ def step(ctx: CallContext, config: KernelConfig, position: Optional[torch.Tensor
         S_new = torch.empty(sh.B, sh.H, sh.K, sh.V, **f32)
     if plan.normalize and z_new is None:
         z_new = torch.empty(sh.B, sh.H, sh.K, **f32)
-    ctx.module.step_kernel[(sh.B * sh.H, NV)](
+    launch(ctx.module.step_kernel, (sh.B * sh.H, NV))(
         *ctx.kernel_args(), o, ctx.S0, ctx.z0, S_new, z_new, position, ctx.scale,
-        H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV, **_launch(config, ctx.device))
+        H=sh.H, K=sh.K, V=sh.V, BK=BK, BV=BV, **_launch_opts(config, ctx.device))
     return o, S_new, z_new

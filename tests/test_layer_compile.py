@@ -122,3 +122,32 @@ def test_generated_ops_compile_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, [str(r) for r in explanation.break_reasons]
     _compare_compiled(model, x)
+
+
+def test_lookup_carries_dynamo_constant_mark():
+    """codegen.ops marks its config lookup constant without importing torch._dynamo (seconds per process);
+    the mark must be the one torch._dynamo's decorator sets, or torch.compile would trace into the lookup."""
+    from mixforge.codegen import ops as ops_module
+
+    def f():
+        return 0
+    torch._dynamo.assume_constant_result(f)
+    assert getattr(f, ops_module.DYNAMO_CONSTANT_MARK, None) is True
+    assert getattr(ops_module._looked_up, ops_module.DYNAMO_CONSTANT_MARK, None) is True
+
+
+def test_eager_calls_do_not_import_dynamo():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, mixforge as mf\n"
+            "from mixforge.spec.testing import random_inputs\n"
+            "m = mf.load_mixer('gla'); ops = mf.compile(m)\n"
+            "x = random_inputs(m, B=1, T=9, H=1, K=8, V=8, requires_grad=True)\n"
+            "y, _ = ops.chunk(**x); y.sum().backward()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "False", "an eager fwd+bwd imported torch._dynamo"
