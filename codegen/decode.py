@@ -13,8 +13,15 @@ inputs, the parameters, the state (updated in place by the step kernel) and
 the positions; on a CUDA device its first call records the step (kernels,
 position advance) in a torch.cuda.CUDAGraph, after a warm-up launch on a side
 stream that works on scratch copies of the state, and every call replays it.
-A call then costs one copy of the inputs into the buffers (one fused kernel
-when they are contiguous, `torch._foreach_copy_`) and one graph launch.
+A call then costs one copy of the inputs into the buffers and one graph
+launch. The input buffers are views of one flat buffer. Small tokens are
+copied by `torch._foreach_copy_`, whose launch costs the host least; it gives
+each GPU block up to 65536 elements of one input, so from that size on (B = 32
+at H = 16, K = 128) one `torch.cat` into the flat buffer copies faster: it
+spreads over the whole GPU, though its launch carries kilobytes of arguments
+(an H100, gla's five bf16 inputs: at B = 64 the step took 75.0 us with the
+foreach copy, 62.5 with the cat; at B = 1 10.4 and 17.8;
+`decode_sizes-20261123-0941-h100.json`).
 Without CUDA (CPU tensors under TRITON_INTERPRET=1), or with graph=False, the
 same object launches the kernels on its buffers directly.
 """
@@ -28,6 +35,11 @@ from ..spec.errors import CallError
 from ..spec.shapes import check_state, layout
 from . import epilogue, recurrent
 from .config import KernelConfig
+
+
+#: the elements of one input from which its copy goes by torch.cat: torch._foreach_copy_'s kernel gives each
+#: block a chunk of up to this many elements of one tensor (PyTorch's multi_tensor_apply kChunkSize)
+FOREACH_CHUNK = 65536
 
 
 class Decoder:
@@ -88,8 +100,13 @@ class Decoder:
         self._layouts = {o.name: [a for a in layout(o) if a != "T"] for o in decl.operands}
         # normal tensors even when built under torch.inference_mode, so that calls outside it can update them
         with torch.inference_mode(False), torch.no_grad():
-            self.inputs = {n: torch.zeros(tensors[n].shape, dtype=tensors[n].dtype, device=sh.device)
-                           for n in self._input_names}
+            # one flat buffer (the inputs share one dtype, ops.step's validation) and the inputs as its views
+            sizes = [tensors[n].numel() for n in self._input_names]
+            self._flat = torch.zeros(sum(sizes), dtype=sh.dtype, device=sh.device)
+            self.inputs = {n: part.view(tensors[n].shape)
+                           for n, part in zip(self._input_names, self._flat.split(sizes))}
+            self._input_buffers = list(self.inputs.values())
+            self._copy_by_cat = max(sizes) >= FOREACH_CHUNK
             self.params = {o.name: tensors[o.name].detach().clone(memory_format=torch.contiguous_format)
                            for o in decl.params}
             f32 = dict(dtype=torch.float32, device=sh.device)
@@ -149,15 +166,16 @@ class Decoder:
     def __call__(self, position=None, **tensors) -> torch.Tensor:
         """Copy one token's inputs (and any parameters given) into the buffers, step, return y [B, H, V]."""
         # the per-token path: one pass of cheap comparisons; the messages are built only on a mismatch
-        buffers = self._buffers
-        dst, src, grad = [], [], False
+        buffers, inputs = self._buffers, self.inputs
+        params_dst, params_src, grad = [], [], False
         for n, x in tensors.items():
             buf = buffers.get(n)
             if (buf is None or not isinstance(x, torch.Tensor) or x.shape != buf.shape or x.dtype != buf.dtype
                     or x.device != buf.device):
                 self._explain(n, x)
-            dst.append(buf)
-            src.append(x)
+            if n not in inputs:
+                params_dst.append(buf)
+                params_src.append(x)
             grad = grad or x.requires_grad
         if not self._input_set <= tensors.keys():
             missing = [n for n in self._input_names if n not in tensors]
@@ -166,12 +184,22 @@ class Decoder:
         positions = self._check_position(position) if position is not None and self._positions is not None else None
         if grad:    # a token straight from a graph that tracks gradients: the copy must not be recorded
             with torch.no_grad():
-                torch._foreach_copy_(dst, src)
+                self._copy_in(tensors, params_dst, params_src)
         else:
-            torch._foreach_copy_(dst, src)
+            self._copy_in(tensors, params_dst, params_src)
         if positions is not None:
             self._positions.copy_(positions)
         return self.run()
+
+    def _copy_in(self, tensors: dict, params_dst: list, params_src: list) -> None:
+        """The token's inputs into the flat buffer (the module docstring says which copy), parameters given."""
+        names = self._input_names
+        if self._copy_by_cat:
+            torch.cat([tensors[n].reshape(-1) for n in names], out=self._flat)
+            if params_dst:
+                torch._foreach_copy_(params_dst, params_src)
+        else:
+            torch._foreach_copy_(self._input_buffers + params_dst, [tensors[n] for n in names] + params_src)
 
     def _explain(self, n: str, x) -> None:
         """Raise the error for a token tensor `n` that does not fit its buffer."""

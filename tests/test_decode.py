@@ -66,6 +66,28 @@ def test_decoder_matches_plain_steps_in_bf16_and_keeps_its_parameters():
     assert torch.equal(dec.params["A_log"], new["A_log"])
 
 
+@pytest.mark.parametrize("by_cat", [False, True])
+def test_decoder_copy_paths_match_plain_steps(monkeypatch, by_cat):
+    """Both ways a token is copied in (foreach for small tokens, one cat from FOREACH_CHUNK elements on),
+    with non-contiguous token slices and parameters given in a call."""
+    from mixforge.codegen import decode as decode_module
+
+    monkeypatch.setattr(decode_module, "FOREACH_CHUNK", 1 if by_cat else 1 << 40)
+    mixer, ops = mf.zoo.mamba2, ops_for("mamba2")
+    x = random_inputs(mixer, B=2, T=3, H=4, K=8, V=8, G=2, dtype=torch.bfloat16, seed=44)
+    dec = ops.decoder(**split(mixer, x, 0)[0])
+    assert dec._copy_by_cat is by_cat
+    state = None
+    for t in range(3):
+        full, inputs = split(mixer, x, t)
+        new = {"A_log": full["A_log"] + 0.25 * t}
+        y, state = ops.step(state=state, **{**full, **new})
+        assert torch.equal(dec(**inputs, **new), y), f"y[{t}]"
+    assert torch.equal(dec.state, state)
+    for n, v in split(mixer, x, 2)[1].items():
+        assert torch.equal(dec.inputs[n], v)
+
+
 def test_reset_load_state_and_run():
     mixer, ops = mf.zoo.gla, ops_for("gla")
     x = random_inputs(mixer, B=2, T=3, H=2, K=4, V=4, seed=43)
