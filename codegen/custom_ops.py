@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 from types import ModuleType
 from typing import Optional
 
@@ -232,7 +231,7 @@ _COMPILED_AHEAD: set = set()
 
 def compiles_ahead(device: torch.device) -> bool:
     """Whether calls on `device` compile their kernels (a GPU, not Triton's interpreter)."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return device.type == "cuda" and not launch.interpreting()
 
 
 def compile_first(key: str, path: str, config: str, bwd_config: str, tensors: list[torch.Tensor],

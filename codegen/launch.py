@@ -49,7 +49,7 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return getattr(self.kernel, "__name__", None) or getattr(getattr(self.kernel, "fn", None), "__name__", "?")
+        return getattr(self.kernel, "__name__", "?")
 
 
 def launch(kernel, grid) -> Callable:
@@ -72,6 +72,20 @@ def recording():
         _local.launches = None
 
 
+def interpreting() -> bool:
+    """Whether the generated kernels run under Triton's interpreter (no compile step), as the generated module
+    decides it (printer.HELPERS)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_jobs() -> int:
     """Threads for compiling ahead: MIXFORGE_COMPILE_JOBS, else the usable CPU cores (at most MAX_JOBS)."""
     env = os.environ.get(JOBS_ENV, "").strip()
@@ -80,11 +94,7 @@ def default_jobs() -> int:
             return max(0, int(env))
         except ValueError:
             raise ValueError(f"{JOBS_ENV} must be an integer number of threads, got {env!r}") from None
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return min(n, MAX_JOBS)
+    return min(usable_cpus(), MAX_JOBS)
 
 
 def triton_compile(item: Launch, device) -> None:
@@ -157,4 +167,5 @@ def compile_ahead(dry_run: Callable[[], Any], device=None, jobs: Optional[int] =
     return errors
 
 
-__all__ = ["Launch", "launch", "recording", "compile_launches", "compile_ahead", "default_jobs", "JOBS_ENV"]
+__all__ = ["Launch", "launch", "recording", "compile_launches", "compile_ahead", "default_jobs", "interpreting",
+           "usable_cpus", "JOBS_ENV"]

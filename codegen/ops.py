@@ -17,7 +17,6 @@ eager mode their bodies run without the op dispatch (custom_ops.call).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import TYPE_CHECKING, Optional
 
@@ -30,6 +29,7 @@ from ..spec.shapes import check_state, layout, resolve_call
 from . import cache, custom_ops, epilogue, recurrent
 from .config import ConfigLookup, KernelConfig, ShapeKey, heuristic_config
 from .core import CallContext
+from .launch import interpreting
 from .plan import build_plan
 from .render import kernel_source, render_module
 
@@ -339,7 +339,7 @@ def _check_config(config) -> None:
 
 
 def _check_runnable(device: torch.device) -> None:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not interpreting():
         raise CallError(f"tensors on {device}: the kernels need a CUDA device, or TRITON_INTERPRET=1 set "
                         "before mixforge is imported (Triton's interpreter, for CPU tensors)")
 

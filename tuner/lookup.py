@@ -115,8 +115,8 @@ def _same_walk_regime(sk: ShapeKey, entry: dict) -> bool:
     took 11-29% less time with the heuristic fitted to that shape than with the configs tuned at B = 4,
     T = 4096 (retnet 0.872 against 1.236 ms, rfa 2.599 against 3.327, linear attention 1.093 against 1.264),
     the same within 1.6% for the per-key decays. (griffin's 0.383 against 0.405 there was a config keyed at a K its
-    calls never have: tuner.api.call_shape.) Other kernels,
-    and an entry without its tuned shape (its buckets stand in for it), are not held to it."""
+    calls never have: tuner.api.call_shape.) Other kernels, and an entry without its tuned shape (its buckets
+    stand in for it), are not held to it."""
     if sk.kernel != "chunk_fwd":
         return True
     shape = entry.get("shape")

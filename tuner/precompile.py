@@ -48,18 +48,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
 
 from mixforge.codegen.config import KernelConfig
+from mixforge.codegen.launch import usable_cpus
 
 from .study import CompileResult
 
 #: what Triton specializes an integer kernel argument on (besides its value being a constexpr)
 _DIVISOR = 16
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def default_jobs() -> int:
